@@ -1,0 +1,87 @@
+"""Our own L∞ PGD (Madry et al.), used for training and evaluation.
+
+Gradients are taken with ``torch.autograd.grad`` with respect to the input only, so nothing
+accumulates in the parameters' ``.grad`` and no parameter gradient is computed."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from defenses.attacks.base import Attack, frozen_eval
+
+
+def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Carlini-Wagner margin: best wrong logit minus true logit (summed over the batch)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    wrong = logits.clone()
+    wrong.scatter_(1, y[:, None], float("-inf"))
+    return (wrong.amax(1) - true).sum()
+
+
+def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # Summed, not averaged: the sign of the gradient is the same, and a per-example step
+    # does not depend on the batch size.
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+LOSSES = {"ce": ce_loss, "cw": cw_margin_loss}
+
+
+def random_start(x: torch.Tensor, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A uniform point of the ε-ball around x, clipped to [0,1] (returned as the offset δ)."""
+    delta = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    delta = delta.mul_(2 * eps).sub_(eps)
+    return (x + delta).clamp_(0.0, 1.0).sub_(x)
+
+
+def pgd_steps(model: Callable, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
+              steps: int, random_start_: bool = True, loss: str = "ce",
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """The PGD iteration itself, in whatever mode the caller left the model."""
+    loss_fn = LOSSES[loss]
+    delta = random_start(x, eps, generator) if random_start_ else torch.zeros_like(x)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        grad, = torch.autograd.grad(loss_fn(model(x + delta), y), delta)
+        with torch.no_grad():
+            delta = delta.add_(grad.sign_(), alpha=alpha).clamp_(-eps, eps)
+            delta = (x + delta).clamp_(0.0, 1.0).sub_(x)
+    return (x + delta).detach()
+
+
+def pgd(model: Callable, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
+        random_start: bool = True, loss: str = "ce",
+        generator: torch.Generator | None = None) -> torch.Tensor:
+    """L∞ PGD: ``steps`` signed-gradient steps of size ``alpha`` inside the ε-ball, from a
+    uniform random start. The model is attacked in eval mode and its mode restored after."""
+    with frozen_eval(model):
+        return pgd_steps(model, x, y, eps, alpha, steps, random_start, loss, generator)
+
+
+class PGD(Attack):
+    """PGD-K with step 2.5·ε/K (Madry et al.'s rule) unless ``alpha`` is given."""
+
+    def __init__(self, model, eps, steps: int = 20, alpha: float | None = None,
+                 loss: str = "ce", restarts: int = 1):
+        super().__init__(model, eps)
+        self.steps, self.loss, self.restarts = steps, loss, restarts
+        self.alpha = alpha if alpha is not None else 2.5 * eps / steps
+        prefix = "pgd" if loss == "ce" else f"pgd_{loss}"
+        self.name = f"{prefix}-{steps}"
+
+    def forward(self, images, labels):
+        best = images.clone()
+        still_correct = torch.ones(len(labels), dtype=torch.bool, device=images.device)
+        for _ in range(self.restarts):
+            adv = pgd_steps(self.model, images, labels, self.eps, self.alpha, self.steps,
+                            True, self.loss)
+            with torch.no_grad():
+                fooled = self.model(adv).argmax(1) != labels
+            take = fooled & still_correct
+            best[take] = adv[take]
+            still_correct &= ~fooled
+            # keep the last restart for points no restart fooled (a valid adversarial anyway)
+            best[still_correct] = adv[still_correct]
+        return best

@@ -1,0 +1,162 @@
+"""The defense contract.
+
+A defense is a frozen dataclass of hyperparameters (``Params``) plus a class that knows how one
+training epoch runs (``train_epoch``) and how it predicts (``predict`` -> logits and, for
+detectors, a per-input ``rejected`` flag). ``predictor()`` is the module attacks must attack:
+what ``predict`` computes, never the bare model when the defense adds anything to it."""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, NamedTuple
+
+import torch
+import torch.nn as nn
+
+from defenses.data import Dataset
+
+
+class DefenseConfigError(ValueError):
+    """Hyperparameters or a base model a defense cannot work with; the message says why."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite: the trial is failed, not retried."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ThreatModel:
+    """L∞ threat model in input units (images in [0,1]). ``attacks`` are evaluated as a
+    worst case per example; ``train_steps``/``train_step_size`` configure training attacks."""
+
+    eps: float
+    attacks: tuple[str, ...] = ("fgsm", "pgd-20")
+    norm: str = "Linf"
+    train_steps: int = 10
+    train_step_size: float | None = None  # None: 2.5·ε/K (Madry et al.)
+
+    @property
+    def step_size(self) -> float:
+        if self.train_step_size is not None:
+            return self.train_step_size
+        return 2.5 * self.eps / max(self.train_steps, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoParams:
+    """For defenses with no hyperparameters of their own."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModelRequest:
+    """A trained model a defense starts from (SAD's Φ⁰, a teacher, a guarded classifier):
+    the orchestrator trains it once per (dataset, model, recipe, seed) and passes its path."""
+
+    defense: str
+    epochs: int | None = None  # None: the trial's own epoch count
+    params: tuple[tuple[str, Any], ...] = ()
+
+
+class Prediction(NamedTuple):
+    logits: torch.Tensor
+    rejected: torch.Tensor | None = None  # bool per input, for detectors
+
+
+class Defense(abc.ABC):
+    name: ClassVar[str]
+    Params: ClassVar[type] = NoParams
+    holdout_size: ClassVar[int] = 0  # training examples kept out of training for end_epoch checks
+    stop_training: bool = False  # set by end_epoch to stop early (e.g. a collapse was seen)
+
+    def __init__(self, model: nn.Module, params: Any, threat: ThreatModel):
+        self.model = model
+        self.params = params
+        self.threat = threat
+
+    # --- configuration -------------------------------------------------------------------
+    @classmethod
+    def make_params(cls, hp: dict[str, Any]) -> Any:
+        """Hyperparameter dict -> frozen dataclass; unknown names are an error."""
+        fields = {f.name for f in dataclasses.fields(cls.Params)}
+        unknown = sorted(set(hp) - fields)
+        if unknown:
+            raise DefenseConfigError(
+                f"defense {cls.name!r} has no hyperparameter {', '.join(map(repr, unknown))}; "
+                f"valid: {', '.join(sorted(fields)) or '(none)'}")
+        params = cls.Params(**hp)
+        cls.validate(params)
+        return params
+
+    @classmethod
+    def validate(cls, params: Any) -> None:
+        """Raise DefenseConfigError for values the defense cannot use (checked before Ray)."""
+
+    @classmethod
+    def base_model(cls, params: Any) -> BaseModelRequest | None:
+        return None
+
+    # --- training ------------------------------------------------------------------------
+    def setup(self, data: Dataset, base_checkpoint: Path | None) -> None:
+        """Called once before training (load a base model, cache teacher saliency, ...)."""
+
+    @abc.abstractmethod
+    def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    optimizer: torch.optim.Optimizer, epoch: int,
+                    scheduler: Any | None = None) -> dict[str, float]:
+        """Run one epoch over ``batches``; return metrics such as ``loss``."""
+
+    def end_epoch(self, epoch: int, holdout: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, float]:
+        """Per-epoch checks after training (e.g. catastrophic-overfitting guard)."""
+        return {}
+
+    def finalize(self) -> None:
+        """After the last epoch (e.g. restore the best checkpoint)."""
+
+    def flags(self) -> dict[str, bool]:
+        """Named warnings that go into the trial record as ``flag.<name>``."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Defense-specific state to checkpoint with the model (for resuming)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    # --- prediction ------------------------------------------------------------------------
+    def predictor(self) -> nn.Module:
+        """The module whose logits ``predict`` returns; the one attacks differentiate."""
+        return self.model
+
+    def predict(self, x: torch.Tensor) -> Prediction:
+        return Prediction(self.predictor()(x))
+
+    def adaptive_attacks(self) -> tuple[str, ...]:
+        """Extra attacks that apply to this defense specifically (BPDA, EOT, detector-aware)."""
+        return ()
+
+
+class LossDefense(Defense):
+    """A defense trained by gradient descent on a per-batch loss: the common case."""
+
+    @abc.abstractmethod
+    def loss(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Training loss of one batch (the model is in train mode)."""
+
+    def train_epoch(self, batches, optimizer, epoch, scheduler=None):
+        total = torch.zeros((), device=next(self.model.parameters()).device)
+        n = 0
+        for x, y in batches:
+            self.model.train()
+            loss = self.loss(x, y, epoch)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"training loss became {loss.item()} at epoch {epoch}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            total += loss.detach() * len(y)
+            n += len(y)
+        return {"loss": (total / max(n, 1)).item()}

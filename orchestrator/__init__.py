@@ -1,0 +1,1 @@
+"""Ray Tune + Optuna orchestration of adversarial-defense sweeps (finds defenses by registry)."""

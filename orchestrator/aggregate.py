@@ -1,0 +1,348 @@
+"""Merge trial records from one or more runs, find the Pareto front, its knee and its
+hypervolume.
+
+Everything here works on plain DataFrames of ``TrialRecord.to_row()`` rows so that the same
+code serves a live sweep, a finished run dir and a CSV someone reloaded in a notebook. No Ray,
+no torch: the aggregator must run on a laptop without the training stack.
+
+Usage::
+
+    python -m orchestrator.aggregate RUN_DIR [RUN_DIR ...] [--out DIR] [--exclude-flagged]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Hashable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from orchestrator.records import COMPLETED, IDENTITY_COLUMNS, load_records
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OBJECTIVES: tuple[str, ...] = ("clean_acc", "robust_acc")
+# Prefixed column groups of a trial row, in CSV order (see TrialRecord.to_row).
+GROUP_PREFIXES: tuple[str, ...] = ("hp.", "acc.", "flag.", "metric.")
+FLAG_PREFIX = "flag."
+SUSPECT_COLUMN = "suspect"
+TAIL_COLUMNS: tuple[str, ...] = ("error", SUSPECT_COLUMN)
+
+
+# ---------------------------------------------------------------------------- columns / flags
+
+def order_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Put columns in the one CSV order: identity, sorted hp.*/acc.*/flag.*/metric.*, error,
+    suspect, then anything unknown. Missing identity/tail columns are added (empty) so that
+    downstream code and header-only CSVs always see the same schema."""
+    cols = list(df.columns)
+    grouped = [sorted(c for c in cols if isinstance(c, str) and c.startswith(p))
+               for p in GROUP_PREFIXES]
+    known = set(IDENTITY_COLUMNS) | set(TAIL_COLUMNS) | {c for g in grouped for c in g}
+    order = [*IDENTITY_COLUMNS, *(c for g in grouped for c in g), *TAIL_COLUMNS,
+             *(c for c in cols if c not in known)]
+    return df.reindex(columns=order)
+
+
+def flag_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if isinstance(c, str) and c.startswith(FLAG_PREFIX)]
+
+
+def flagged_mask(df: pd.DataFrame) -> pd.Series:
+    """True where any ``flag.*`` is True. A missing flag (NaN: the trial never computed it)
+    counts as not raised, so merging runs with different flag sets flags nobody by accident."""
+    cols = flag_columns(df)
+    if not cols:
+        return pd.Series(False, index=df.index)
+    return df[cols].eq(True).any(axis=1)
+
+
+def suspect_labels(df: pd.DataFrame) -> pd.Series:
+    """Comma-separated names of the flags raised per row ("" when none): the human-readable
+    reason a trial's numbers should not be trusted (e.g. gradient masking)."""
+    out = pd.Series("", index=df.index, dtype=object)
+    for col in flag_columns(df):
+        out = out + np.where(df[col].eq(True), col[len(FLAG_PREFIX):] + ",", "")
+    return out.str.rstrip(",").astype(object)
+
+
+def with_suspect(df: pd.DataFrame) -> pd.DataFrame:
+    """Copy of ``df`` in CSV column order with ``suspect`` recomputed from the flags."""
+    out = df.copy()
+    out[SUSPECT_COLUMN] = suspect_labels(df)
+    return order_columns(out)
+
+
+# ---------------------------------------------------------------------------- merging runs
+
+def merge_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
+    """One DataFrame of every trial in ``run_dirs`` (in CSV column order, with ``suspect``).
+
+    A trial seen in several runs (same ``run_id`` and ``trial_id``, e.g. a resumed run passed
+    next to its original) is kept once, the last one read winning, at the position of that
+    last occurrence. A record without ``run_id`` is given its run directory's name, so that
+    two runs whose trials are both called ``trial_0000`` are not mistaken for one."""
+    rows: list[dict[str, Any]] = []
+    for run_dir in map(Path, run_dirs):
+        records = load_records(run_dir)
+        log.info("%s: %d records", run_dir, len(records))
+        for rec in records:
+            row = rec.to_row()
+            row["run_id"] = row["run_id"] or run_dir.name
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        before = len(df)
+        df = df.drop_duplicates(subset=["run_id", "trial_id"], keep="last")
+        if len(df) < before:
+            log.info("dropped %d duplicate trials (same run_id and trial_id)", before - len(df))
+    return with_suspect(df).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------- Pareto front
+
+def pareto_front(df: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES,
+                 maximize: bool | Sequence[bool] = True,
+                 exclude_flagged: bool = False) -> pd.DataFrame:
+    """The non-dominated rows of ``df``.
+
+    Only candidates take part: rows with every objective non-NaN, ``status == "completed"``
+    when a status column exists, and no raised ``flag.*`` when ``exclude_flagged``. A row is
+    dominated when another candidate is >= in every objective and > in at least one, so exact
+    duplicates of a front point are all kept. ``maximize`` is one bool for all objectives or
+    one per objective (False = minimize).
+
+    Returns a slice of ``df``: original index labels and original relative row order, all
+    columns. 2 objectives use an O(n log n) sort sweep, others a vectorized filter."""
+    candidates = _candidate_mask(df, objectives, exclude_flagged)
+    points = _objective_matrix(df.loc[candidates], objectives)
+    signs = np.where(np.asarray(maximize, dtype=bool), 1.0, -1.0)
+    if signs.size not in (1, points.shape[1]):
+        raise ValueError(f"maximize has {signs.size} values for {points.shape[1]} objectives")
+    points = points * signs
+    keep = _nondominated_2d(points) if points.shape[1] == 2 else _nondominated_kd(points)
+    return df.loc[candidates].loc[keep]
+
+
+def _candidate_mask(df: pd.DataFrame, objectives: Sequence[str],
+                    exclude_flagged: bool) -> np.ndarray:
+    mask = ~np.isnan(_objective_matrix(df, objectives)).any(axis=1)
+    if "status" in df.columns:
+        mask &= (df["status"] == COMPLETED).to_numpy()
+    if exclude_flagged:
+        mask &= ~flagged_mask(df).to_numpy()
+    return mask
+
+
+def _objective_matrix(df: pd.DataFrame, objectives: Sequence[str]) -> np.ndarray:
+    objectives = list(objectives)
+    if not objectives:
+        raise ValueError("objectives must name at least one column")
+    missing = [c for c in objectives if c not in df.columns]
+    if missing:
+        raise ValueError(f"objective columns {missing} not in the DataFrame "
+                         f"(columns: {list(df.columns)})")
+    return df[objectives].to_numpy(dtype=float, na_value=np.nan)
+
+
+def _nondominated_2d(points: np.ndarray) -> np.ndarray:
+    """Boolean mask of maximal points of an (n, 2) array by one sort.
+
+    Sorted by x then y ascending, a point is non-dominated iff it has the largest y of its
+    x-group (no equal-x point above it) and a y strictly above every point with larger x
+    (the group with the largest x has no such points)."""
+    n = len(points)
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    x, y = points[:, 0], points[:, 1]
+    order = np.lexsort((y, x))
+    xs, ys = x[order], y[order]
+    new_group = xs[1:] != xs[:-1]
+    gid = np.concatenate(([0], np.cumsum(new_group)))
+    last_of_group = np.concatenate((new_group, [True]))
+    gmax = ys[last_of_group]
+    best_right = np.maximum.accumulate(gmax[::-1])[::-1]           # max y over groups >= g
+    above_right = np.concatenate((best_right[1:], [-np.inf]))      # max y over groups > g
+    is_last_group = gid == gid[-1]
+    keep_sorted = (ys == gmax[gid]) & (is_last_group | (ys > above_right[gid]))
+    keep = np.empty(n, dtype=bool)
+    keep[order] = keep_sorted
+    return keep
+
+
+def _nondominated_kd(points: np.ndarray) -> np.ndarray:
+    """Boolean mask of maximal points of an (n, k) array, any k.
+
+    Each surviving point in turn removes every point it strictly dominates; points that are
+    non-dominated are never removed, so each dominated point is removed by one of them.
+    Visiting by descending sum first makes early points remove the most."""
+    n = len(points)
+    order = np.argsort(-points.sum(axis=1), kind="stable")
+    alive = order.copy()                      # original indices still in the running
+    pos = 0
+    while pos < len(alive):
+        p = points[alive[pos]]
+        rest = points[alive]
+        dominated = (rest <= p).all(axis=1) & (rest < p).any(axis=1)
+        pos -= int(dominated[:pos].sum())      # keep pointing just past p after removals
+        alive = alive[~dominated]
+        pos += 1
+    keep = np.zeros(n, dtype=bool)
+    keep[alive] = True
+    return keep
+
+
+# ---------------------------------------------------------------------------- hypervolume
+
+def hypervolume(df: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES,
+                reference: Sequence[float] | None = None) -> float:
+    """Volume of objective space dominated by the rows of ``df`` and bounded below by
+    ``reference`` (all objectives maximized; default reference: the origin).
+
+    The single number that says whether one sweep's front beats another's. Candidates are
+    chosen as in :func:`pareto_front` (completed, no NaN); a point not strictly better than
+    the reference in every objective bounds no volume and is ignored. Exact: a sort sweep in
+    2-D, recursive slicing along the last objective otherwise (fine for fronts of hundreds)."""
+    points = _objective_matrix(df.loc[_candidate_mask(df, objectives, False)], objectives)
+    ref = np.zeros(points.shape[1]) if reference is None else np.asarray(reference, float)
+    if ref.shape != (points.shape[1],):
+        raise ValueError(f"reference has {ref.size} values for {points.shape[1]} objectives")
+    points = points[(points > ref).all(axis=1)]
+    return float(_hv(points, ref))
+
+
+def _hv(points: np.ndarray, ref: np.ndarray) -> float:
+    if len(points) == 0:
+        return 0.0
+    if points.shape[1] == 1:
+        return float(points.max() - ref[0])
+    if points.shape[1] == 2:
+        return _hv_2d(points, ref)
+    points = points[_nondominated_kd(points)]
+    points = points[np.argsort(-points[:, -1], kind="stable")]
+    z = points[:, -1]
+    heights = z - np.concatenate((z[1:], ref[-1:]))     # slab between consecutive z levels
+    return float(sum(_hv(points[: i + 1, :-1], ref[:-1]) * h
+                     for i, h in enumerate(heights) if h > 0))
+
+
+def _hv_2d(points: np.ndarray, ref: np.ndarray) -> float:
+    """Sweep by x descending: each point adds the strip between the best y so far and its
+    own y (if higher), as wide as its distance to the reference in x."""
+    order = np.lexsort((-points[:, 1], -points[:, 0]))
+    x, y = points[order, 0], points[order, 1]
+    best_y = np.maximum.accumulate(y)
+    gain = np.diff(np.concatenate(([ref[1]], best_y)))
+    return float(np.sum((x - ref[0]) * gain))
+
+
+# ---------------------------------------------------------------------------- knee
+
+def knee(front_df: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES) -> Hashable:
+    """Index label of the knee of a front: the best-balanced trade-off to report.
+
+    Each objective is min-max normalized to [0, 1] over the front (a constant objective
+    becomes 0). In 2-D with 3+ points, the knee is the point farthest from the line through
+    the two extreme points (max first objective, max second objective), counting only
+    distance on the side of the ideal point (1, 1): a point bulging towards the origin is a
+    poor trade-off, not a knee. When no point lies strictly beyond that line (1-2 points, a
+    straight or concave front) or with other than 2 objectives, the knee is the point with the
+    largest sum of normalized objectives. Ties go to the first row in ``front_df`` order."""
+    if front_df.empty:
+        raise ValueError("knee of an empty front is undefined")
+    points = _objective_matrix(front_df, objectives)
+    span = points.max(axis=0) - points.min(axis=0)
+    norm = np.divide(points - points.min(axis=0), span,
+                     out=np.zeros_like(points), where=span > 0)
+    if norm.shape[1] == 2 and len(norm) >= 3:
+        dist = _signed_distance_to_chord(norm)
+        if dist.max() > 0:
+            return front_df.index[int(np.argmax(dist))]
+    return front_df.index[int(np.argmax(norm.sum(axis=1)))]
+
+
+def _signed_distance_to_chord(norm: np.ndarray) -> np.ndarray:
+    """Distance of each 2-D point to the line through the extremes, positive on the side
+    of the ideal point (1, 1); all zeros when the extremes coincide."""
+    a = norm[np.lexsort((norm[:, 1], norm[:, 0]))[-1]]   # max x, then max y
+    b = norm[np.lexsort((norm[:, 0], norm[:, 1]))[-1]]   # max y, then max x
+    d = b - a
+    length = float(np.hypot(*d))
+    if length == 0.0:
+        return np.zeros(len(norm))
+    normal = np.array([d[1], -d[0]]) / length
+    if normal @ (np.ones(2) - a) < 0:
+        normal = -normal
+    return (norm - a) @ normal
+
+
+# ---------------------------------------------------------------------------- CLI
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports bad usage as one line (exit 2), like every other input error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        _complain(f"{message} (see --help)")
+        raise SystemExit(2)
+
+
+def _complain(message: str) -> None:
+    print(f"aggregate: error: {message}", file=sys.stderr)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(prog="python -m orchestrator.aggregate",
+                       description="Merge sweep runs and write trials.csv, pareto.csv and "
+                                   "pareto.png.")
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                   help="run directory holding records/*.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory (default: the run dir; required with several)")
+    p.add_argument("--exclude-flagged", action="store_true",
+                   help="leave trials with any flag.* raised off the Pareto front")
+    return p
+
+
+def _input_problem(run_dirs: list[Path], out: Path | None) -> str | None:
+    """First thing wrong with the arguments, phrased with its fix; None when all is well."""
+    for d in run_dirs:
+        if not d.is_dir():
+            return f"run dir {d} does not exist; pass the directory a sweep wrote"
+        if not (d / "records").is_dir():
+            return f"run dir {d} has no records/ folder; pass the directory a sweep wrote"
+    if out is None and len(run_dirs) > 1:
+        return f"{len(run_dirs)} run dirs given but no --out; add --out DIR for the merged output"
+    if out is not None and out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a directory; choose another --out"
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    problem = _input_problem(args.run_dirs, args.out)
+    if problem:
+        _complain(problem)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from orchestrator.export import export_all  # export builds on this module: import late
+    out = args.out or args.run_dirs[0]
+    df = merge_runs(args.run_dirs)
+    paths = export_all(df, out, exclude_flagged=args.exclude_flagged)
+    front = pareto_front(df, exclude_flagged=args.exclude_flagged)
+    print(f"{len(df)} trials ({int((df['status'] == COMPLETED).sum())} completed), "
+          f"{len(front)} on the Pareto front, hypervolume {hypervolume(front):.4f}")
+    if not front.empty:
+        k = front.loc[knee(front)]
+        print(f"knee: {k['trial_id']} ({k['defense']}) clean_acc={k['clean_acc']:.4f} "
+              f"robust_acc={k['robust_acc']:.4f}")
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

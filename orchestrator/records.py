@@ -1,0 +1,100 @@
+"""The typed record of one trial: built by ``run_trial``, written as JSON, read by the
+aggregator, the dashboard and the exporters. Nobody re-parses Tune's internals."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+COMPLETED = "completed"
+FAILED = "failed"
+RUNNING = "running"
+
+# Column order of trials.csv before the prefixed groups (hp.*, acc.*, flag.*, metric.*).
+IDENTITY_COLUMNS = ["trial_id", "defense", "status", "clean_acc", "robust_acc", "robust_attack",
+                    "train_seconds", "checkpoint", "dataset", "model", "seed", "epochs",
+                    "eval_seconds", "run_id"]
+
+
+@dataclasses.dataclass
+class TrialRecord:
+    trial_id: str
+    defense: str
+    dataset: str
+    model: str
+    seed: int
+    status: str = RUNNING
+    hp: dict[str, Any] = dataclasses.field(default_factory=dict)
+    clean_acc: float = math.nan
+    robust_acc: float = math.nan
+    robust_attack: str = ""
+    acc: dict[str, float] = dataclasses.field(default_factory=dict)      # per attack
+    flags: dict[str, bool] = dataclasses.field(default_factory=dict)     # e.g. catastrophic_overfitting
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # anything else numeric
+    epochs: int = 0
+    train_seconds: float = math.nan
+    eval_seconds: float = math.nan
+    checkpoint: str = ""
+    error: str = ""
+    run_id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrialRecord":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_row(self) -> dict[str, Any]:
+        """One flat CSV row: identity columns, then hp.*, acc.*, flag.*, metric.*, error."""
+        row: dict[str, Any] = {c: getattr(self, c) for c in IDENTITY_COLUMNS}
+        row.update({f"hp.{k}": v for k, v in sorted(self.hp.items())})
+        row.update({f"acc.{k}": v for k, v in self.acc.items()})
+        row.update({f"flag.{k}": bool(v) for k, v in sorted(self.flags.items())})
+        row.update({f"metric.{k}": v for k, v in sorted(self.metrics.items())})
+        row["error"] = self.error
+        return row
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON next to its destination, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1, default=_json_default)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):  # numpy / torch scalars
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def save_record(run_dir: Path, record: TrialRecord) -> Path:
+    path = Path(run_dir) / "records" / f"{record.trial_id}.json"
+    write_json_atomic(path, record.to_dict())
+    return path
+
+
+def load_records(run_dir: Path) -> list[TrialRecord]:
+    folder = Path(run_dir) / "records"
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in sorted(folder.glob("*.json")):
+        with open(p) as f:
+            out.append(TrialRecord.from_dict(json.load(f)))
+    return out

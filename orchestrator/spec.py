@@ -1,0 +1,273 @@
+"""The sweep spec: schema, presets and validation. Every bad input stops here with one line
+(``SpecError``) before Ray starts."""
+from __future__ import annotations
+
+import difflib
+import importlib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from defenses import attacks as attack_lib
+from defenses import data as data_lib
+from defenses import models as model_lib
+from defenses import registry
+from defenses.base import DefenseConfigError, ThreatModel
+
+TRAIN_KEYS = ("lr", "weight_decay")  # hyperparameters of the optimizer, not of the defense
+
+
+class SpecError(ValueError):
+    """One line saying what is wrong with the sweep and how to fix it (exit code 2)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ThreatSpec(_Strict):
+    eps: float = Field(0.3, ge=0.0, le=1.0)
+    attacks: list[str] = Field(default_factory=lambda: ["fgsm", "pgd-20"], min_length=1)
+    train_steps: int = Field(10, gt=0)
+    train_step_size: float | None = Field(None, gt=0.0, le=1.0)
+
+    @field_validator("attacks")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        for name in v:
+            attack_lib.parse(name)
+        return v
+
+    def threat_model(self) -> ThreatModel:
+        return ThreatModel(eps=self.eps, attacks=tuple(self.attacks), train_steps=self.train_steps,
+                           train_step_size=self.train_step_size)
+
+
+class OptimizerSpec(_Strict):
+    name: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    schedule: Literal["constant", "cyclic"] = "constant"
+
+
+class ResourceSpec(_Strict):
+    cpus_per_trial: float = Field(1.0, gt=0.0)
+    gpus_per_trial: float = Field(0.0, ge=0.0)
+    max_concurrent: int | None = Field(None, gt=0)
+
+
+class DefenseSpec(_Strict):
+    trials: int | None = Field(None, gt=0)
+    # name -> fixed value | [choices] | {low, high, log}; replaces the search_spaces/ default
+    space: dict[str, Any] | None = None
+
+
+class SweepSpec(_Strict):
+    name: str = "sweep"
+    dataset: str = "mnist5k"
+    data_root: str | None = None
+    model: str = "small_cnn"
+    epochs: int = Field(3, gt=0)
+    batch_size: int = Field(128, gt=0)
+    train_samples: int | None = Field(None, gt=0)  # first N (seeded order) training images
+    eval_samples: int | None = Field(None, gt=0)   # test images for the final evaluation
+    seed: int = 0
+    optimizer: OptimizerSpec = OptimizerSpec()
+    threat_model: ThreatSpec = ThreatSpec()
+    defenses: dict[str, DefenseSpec] = Field(min_length=1)
+    trials_per_defense: int = Field(2, gt=0)
+    objectives: list[Literal["clean_acc", "robust_acc"]] = ["clean_acc", "robust_acc"]
+    search: Literal["tpe", "nsga2", "random"] = "tpe"
+    resources: ResourceSpec = ResourceSpec()
+    max_failures: int = Field(0, ge=0)
+
+    @field_validator("defenses", mode="before")
+    @classmethod
+    def _expand(cls, v: Any) -> Any:
+        # "all" | [names] | {name: {trials, space}} all mean the same shape
+        if v == "all":
+            v = registry.names()
+        if isinstance(v, list):
+            v = {name: {} for name in v}
+        if isinstance(v, dict):
+            v = {k: ({} if s is None else s) for k, s in v.items()}
+            unknown = [k for k in v if k not in registry.names()]
+            if unknown:
+                raise ValueError(f"unknown defense {unknown[0]!r}; registered defenses: "
+                                 f"{', '.join(registry.names())}")
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        if v not in data_lib.NAMES:
+            raise ValueError(f"unknown dataset {v!r}; valid datasets: {', '.join(data_lib.NAMES)}")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        if v not in model_lib.NAMES:
+            raise ValueError(f"unknown model {v!r}; valid models: {', '.join(model_lib.NAMES)}")
+        return v
+
+    def trials_for(self, defense: str) -> int:
+        return self.defenses[defense].trials or self.trials_per_defense
+
+    def total_trials(self) -> int:
+        return sum(self.trials_for(d) for d in self.defenses)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # used by the integration tests: a few real trials in well under 2 minutes on 2 cores
+    "smoke": {
+        "name": "smoke", "dataset": "mnist5k", "model": "small_cnn", "epochs": 1,
+        "train_samples": 1000, "eval_samples": 200, "batch_size": 100,
+        "threat_model": {"eps": 0.3, "attacks": ["fgsm", "pgd-10"], "train_steps": 3},
+        "defenses": {"standard": {"trials": 2}, "pgd_at": {"trials": 2}},
+    },
+    # the embedded default: every registered defense, two configurations each, ≤ 10 min here
+    "default": {
+        "name": "default", "dataset": "mnist5k", "model": "small_cnn", "epochs": 3,
+        "train_samples": 2000, "eval_samples": 500, "batch_size": 100,
+        "threat_model": {"eps": 0.3, "attacks": ["fgsm", "pgd-20"], "train_steps": 5},
+        "defenses": "all", "trials_per_defense": 2,
+    },
+}
+
+
+def _one_line(err: ValidationError, raw: dict[str, Any]) -> str:
+    e = err.errors()[0]
+    where = ".".join(str(p) for p in e["loc"]) or "spec"
+    if e["type"] == "extra_forbidden":
+        parent: Any = SweepSpec
+        for part in e["loc"][:-1]:
+            field = getattr(parent, "model_fields", {}).get(str(part))
+            parent = field.annotation if field is not None else None
+        valid = list(getattr(parent, "model_fields", {}) or {})
+        close = difflib.get_close_matches(str(e["loc"][-1]), valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+        return f"spec error: unknown key {where!r}{hint}"
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"spec error at {where}: {msg} (got {e.get('input')!r})" if e["type"] != "value_error" \
+        else f"spec error at {where}: {msg}"
+
+
+def parse(raw: dict[str, Any]) -> SweepSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"spec error: the spec must be a mapping of keys, got {type(raw).__name__}")
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(_one_line(e, raw)) from None
+    for defense in spec.defenses:
+        build_space(spec, defense)  # raises SpecError for empty/invalid spaces and values
+    return spec
+
+
+def load(path: str | Path | None = None, preset: str | None = None) -> SweepSpec:
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise SpecError(f"spec file {str(p)!r} not found; pass an existing YAML file to --spec")
+        try:
+            raw = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise SpecError(f"spec file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        return parse(raw or {})
+    name = preset or "default"
+    if name not in PRESETS:
+        raise SpecError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return parse(PRESETS[name])
+
+
+def space_module(defense: str):
+    try:
+        return importlib.import_module(f"search_spaces.{defense}")
+    except ModuleNotFoundError:
+        raise SpecError(f"defense {defense!r} has no search space: add search_spaces/{defense}.py "
+                        "defining SPACE") from None
+
+
+def build_space(spec: SweepSpec, defense: str) -> dict[str, Any]:
+    """The Tune search space of ``defense``: search_spaces/<defense>.py unless the spec gives
+    ``space``. Every fixed value and every range end is checked against the defense first."""
+    from ray import tune
+
+    override = spec.defenses[defense].space
+    if override is None:
+        space = dict(space_module(defense).SPACE)
+    else:
+        if not override:
+            raise SpecError(f"spec error at defenses.{defense}.space: empty search space; give at "
+                            "least one hyperparameter or drop 'space' to use the default one")
+        space = {k: _domain(defense, k, v) for k, v in override.items()}
+    if not space:
+        raise SpecError(f"defense {defense!r}: empty search space in search_spaces/{defense}.py")
+    _check_values(spec, defense, space)
+    return space
+
+
+def _domain(defense: str, key: str, v: Any):
+    from ray import tune
+
+    where = f"defenses.{defense}.space.{key}"
+    if isinstance(v, list):
+        if not v:
+            raise SpecError(f"spec error at {where}: empty list of choices; give at least one value")
+        return tune.choice(v)
+    if isinstance(v, dict):
+        if set(v) - {"low", "high", "log"} or not {"low", "high"} <= set(v):
+            raise SpecError(f"spec error at {where}: a range is {{low: ..., high: ..., log: false}}")
+        low, high = v["low"], v["high"]
+        if not (isinstance(low, (int, float)) and isinstance(high, (int, float)) and low < high):
+            raise SpecError(f"spec error at {where}: need numbers with low < high, got {low!r}..{high!r}")
+        if v.get("log"):
+            if low <= 0:
+                raise SpecError(f"spec error at {where}: a log range needs low > 0, got {low}")
+            return tune.loguniform(low, high)
+        return tune.uniform(low, high)
+    return v  # a fixed value
+
+
+def _corners(space: dict[str, Any]) -> list[dict[str, Any]]:
+    """Both ends of every range and every choice: enough to validate values without sampling."""
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    def values(dom: Any) -> list[Any]:
+        if isinstance(dom, Categorical):
+            return list(dom.categories)
+        if isinstance(dom, (Float, Integer)):
+            return [dom.lower, dom.upper]
+        return [dom]
+
+    keys = list(space)
+    width = max((len(values(space[k])) for k in keys), default=1)
+    return [{k: values(space[k])[min(i, len(values(space[k])) - 1)] for k in keys} for i in range(width)]
+
+
+def split_hp(hp: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(optimizer overrides, defense hyperparameters)."""
+    return ({k: v for k, v in hp.items() if k in TRAIN_KEYS},
+            {k: v for k, v in hp.items() if k not in TRAIN_KEYS})
+
+
+def _check_values(spec: SweepSpec, defense: str, space: dict[str, Any]) -> None:
+    cls = registry.get(defense)
+    for corner in _corners(space):
+        train, params = split_hp(corner)
+        for k, v in train.items():
+            if not isinstance(v, (int, float)) or v < 0 or (k == "lr" and v == 0) or math.isnan(v):
+                raise SpecError(f"spec error at defenses.{defense}.space.{k}: must be a number > 0, got {v!r}")
+        try:
+            params = cls.make_params(params)
+            request = cls.base_model(params)
+        except (DefenseConfigError, TypeError) as e:
+            raise SpecError(f"spec error at defenses.{defense}: {e}") from None
+        if request is not None and request.defense not in registry.names():
+            raise SpecError(f"defense {defense!r} needs base model {request.defense!r}, which is not "
+                            f"registered; registered: {', '.join(registry.names())}")
