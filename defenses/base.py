@@ -9,12 +9,15 @@ from __future__ import annotations
 import abc
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, NamedTuple
 
 import torch
 import torch.nn as nn
 
 from defenses.data import Dataset
+
+if TYPE_CHECKING:
+    from defenses.attacks import Attack
 
 
 class DefenseConfigError(ValueError):
@@ -132,9 +135,12 @@ class Defense(abc.ABC):
     def predict(self, x: torch.Tensor) -> Prediction:
         return Prediction(self.predictor()(x))
 
-    def adaptive_attacks(self) -> tuple[str, ...]:
-        """Extra attacks that apply to this defense specifically (BPDA, EOT, detector-aware)."""
-        return ()
+    def adaptive_attacks(self, eps: float) -> list["Attack"]:
+        """Attacks built for this defense specifically (BPDA, full differentiation through a
+        saliency step, EOT, detector-aware, transfer from a base model). ``benchmark`` adds
+        them to the cascade, so robust accuracy is the worst case over them too. Each is a
+        ``defenses.attacks.Attack`` whose output is judged by ``predict``."""
+        return []
 
 
 class LossDefense(Defense):

@@ -44,15 +44,18 @@ def _predict(defense: Defense, x: torch.Tensor, batch_size: int) -> tuple[torch.
 
 
 def benchmark(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float,
-              attacks: Sequence[str], batch_size: int = 256) -> EvalResult:
+              attacks: Sequence[str], batch_size: int = 256, adaptive: bool = True) -> EvalResult:
     """Evaluate ``defense`` on (x, y) against ``attacks`` (names, see ``defenses.attacks``)
-    at L∞ radius ``eps``. The model is in eval mode throughout and its mode restored after."""
+    at L∞ radius ``eps``, then (``adaptive``) against the defense's own adaptive attacks.
+    The model is in eval mode throughout and its mode restored after."""
     check_images(x, "evaluation images")
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"eps={eps} outside [0,1]: ε is in input units, e.g. 8/255 or 0.3")
     start = time.perf_counter()
     predictor = defense.predictor()
     built = [attack_lib.make(a, predictor, eps) for a in attacks]  # fail on bad names first
+    if adaptive:
+        built += defense.adaptive_attacks(eps)
     with frozen_eval(defense.model):
         pred, rejected = _predict(defense, x, batch_size)
         robust = (pred == y) & ~rejected
