@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the sweep in --out")
     p.add_argument("--no-dashboard", action="store_true", help="plain lines instead of the live view")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
-                   help="Ray cluster to join ('auto' or host:port; default RAY_ADDRESS, else local)")
+                   help="Ray cluster to join: host:port, 'auto' (the one running here) or 'local' "
+                        "(a fresh local Ray); default RAY_ADDRESS, else a running one, else local")
     p.add_argument("--data-root", help="folder holding CIFAR data (overrides the spec)")
     return p.parse_args(argv)
 
@@ -85,28 +86,37 @@ def check_out_dir(out: Path, resume: bool) -> None:
 
 
 def existing_cluster(address: str | None) -> str | None:
-    """The address of the cluster to join, or None for a fresh local Ray. Under `ray submit`
-    (on a cluster head) Ray's own bootstrap file names the running cluster."""
+    """The address of the cluster to join, or None for a fresh local Ray. ``local`` forces a
+    fresh local Ray. Without an address, a running cluster on this machine (what `ray submit`
+    finds on a cluster head) is joined when Ray's bootstrap file names one that answers."""
+    if address == "local":
+        return None
     if address and address != "auto":
         return address
     current = Path("/tmp/ray/ray_current_cluster")
-    if current.is_file() and current.read_text().strip():
-        return current.read_text().strip()
+    found = current.read_text().strip() if current.is_file() else ""
+    if found and _answers(found):
+        return found
     if address == "auto":
         raise InputError("--address auto: no running Ray cluster found on this machine; start one "
                          "with `ray start --head` or drop --address to run locally")
     return None
 
 
-def check_reachable(address: str, timeout: float = 3.0) -> None:
+def _answers(address: str, timeout: float = 3.0) -> bool:
     hostport = address.removeprefix("ray://").removeprefix("http://")
     host, _, port = hostport.rpartition(":")
     try:
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
-            pass
+            return True
     except (OSError, ValueError):
+        return False
+
+
+def check_reachable(address: str) -> None:
+    if not _answers(address):
         raise InputError(f"cannot reach a Ray cluster at {address!r}; check the address (host:port of "
-                         "the head's GCS, default port 6379) or drop --address to run locally") from None
+                         "the head's GCS, default port 6379) or drop --address to run locally")
 
 
 def check_resources(spec: SweepSpec, cpus: float, gpus: float, where: str) -> None:
@@ -141,7 +151,7 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
     run_id = out.name
     (out / "spec.json").write_text(json.dumps(spec.model_dump(), indent=1))
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, dashboard_host="127.0.0.1",
+        ray.init(address=address or "local", include_dashboard=False, dashboard_host="127.0.0.1",
                  log_to_driver=False, logging_level=logging.WARNING,
                  **({} if address else {"num_cpus": os.cpu_count()}))
     cluster = ray.cluster_resources()
@@ -218,9 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         out = Path(args.out) if args.out else None
+        if args.resume:
+            if out is None:
+                raise InputError("--resume needs --out DIR: the run directory to continue")
+            check_out_dir(out, resume=True)
         spec = resolve_spec(args, out)
-        out = out or Path("runs") / spec.name
-        check_out_dir(out, args.resume)
+        if not args.resume:
+            out = out or Path("runs") / spec.name
+            check_out_dir(out, resume=False)
         data_lib.check_available(spec.dataset, spec.data_root)
         address = existing_cluster(args.address)
         if address:

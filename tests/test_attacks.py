@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from defenses import attacks
+from defenses.attacks import check_images, pgd
+
+EPS = 0.3
+# every registered attack kind, with a small budget so the registry-wide test stays fast
+BUDGETS = {"fgsm": "fgsm", "pgd": "pgd-10", "pgd_cw": "pgd_cw-10", "mim": "mim-5", "cw": "cw-20",
+           "deepfool": "deepfool-50", "square": "square-200", "autoattack": "autoattack"}
+
+
+def accuracy(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+@pytest.fixture(scope="module")
+def batch(mnist):
+    return mnist.test_x[:64], mnist.test_y[:64]
+
+
+def test_every_registered_attack_is_covered():
+    assert set(BUDGETS) == set(attacks.names())
+
+
+@pytest.mark.parametrize("kind", list(BUDGETS))
+def test_attack_lowers_accuracy_stays_in_ball_and_restores_the_model(kind, trained_cnn, batch):
+    x, y = batch
+    if kind == "deepfool":  # per-image Jacobians: slow, so fewer images
+        x, y = x[:12], y[:12]
+    model = trained_cnn.train()  # attacks must put it in eval mode and give train mode back
+    model.block1[1].eval()       # ... restoring each module's own mode, not a blanket train()
+    grads_before = [p.grad for p in model.parameters()]
+    attack = attacks.make(BUDGETS[kind], model, EPS)
+    adv = attack(x, y)
+    assert model.training and not model.block1[1].training
+    assert all(p.requires_grad for p in model.parameters())
+    assert [p.grad for p in model.parameters()] == grads_before  # nothing accumulated
+    assert float((adv - x).abs().max()) <= EPS + 1e-6
+    assert 0.0 <= float(adv.min()) and float(adv.max()) <= 1.0
+    model.eval()
+    assert accuracy(model, adv, y) < accuracy(model, x, y)
+
+
+def test_stronger_eps_never_raises_accuracy(trained_cnn, batch):
+    x, y = batch
+    accs = []
+    for eps in (0.0, 0.05, 0.1, 0.2, 0.3):
+        torch.manual_seed(0)
+        accs.append(accuracy(trained_cnn, pgd(trained_cnn, x, y, eps, 2.5 * eps / 20 + 1e-12, 20), y))
+    assert accs == sorted(accs, reverse=True), accs
+    assert accs[0] > 0.9 and accs[-1] < 0.1
+
+
+def test_pgd_is_deterministic_with_a_generator(trained_cnn, batch):
+    x, y = batch
+    a = pgd(trained_cnn, x, y, EPS, 0.03, 5, generator=torch.Generator().manual_seed(3))
+    b = pgd(trained_cnn, x, y, EPS, 0.03, 5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_pgd_takes_any_callable(trained_cnn, batch):
+    x, y = batch
+    adv = pgd(lambda t: trained_cnn(t), x, y, EPS, 0.03, 5)
+    assert accuracy(trained_cnn, adv, y) < accuracy(trained_cnn, x, y)
+
+
+def test_images_outside_unit_range_are_refused():
+    with pytest.raises(ValueError, match="double normalization"):
+        check_images(torch.randn(2, 1, 4, 4) * 3)
+
+
+def test_unknown_attack_names_the_valid_ones():
+    with pytest.raises(attacks.AttackNameError, match="pgd"):
+        attacks.parse("bim-5")
+    assert attacks.parse("pgd-40") == ("pgd", 40)

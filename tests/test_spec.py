@@ -1,0 +1,68 @@
+"""Every bad spec stops with one clear line before Ray starts."""
+import pytest
+
+from orchestrator.spec import PRESETS, SpecError, load, parse
+
+
+def error_of(raw):
+    with pytest.raises(SpecError) as e:
+        parse(raw)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_presets_are_valid():
+    for name in PRESETS:
+        spec = load(preset=name)
+        assert spec.total_trials() >= 2
+
+
+def test_default_preset_sweeps_every_registered_defense_twice():
+    from defenses import registry
+
+    spec = load(preset="default")
+    assert sorted(spec.defenses) == registry.names()
+    assert all(spec.trials_for(d) >= 2 for d in spec.defenses)
+    assert spec.dataset == "mnist5k"
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({"defenses": ["standard"], "epoch": 3}, "did you mean 'epochs'"),
+    ({"defenses": ["standard"], "threat_model": {"esp": 0.1}}, "did you mean 'eps'"),
+    ({"defenses": ["standard"], "epochs": "many"}, "epochs"),
+    ({"defenses": ["standard"], "threat_model": {"eps": -0.1}}, "threat_model.eps"),
+    ({"defenses": ["standard"], "threat_model": {"eps": 1.5}}, "threat_model.eps"),
+    ({"defenses": {"trades": {"space": {}}}}, "empty search space"),
+    ({"defenses": {"trades": {"space": {"beta": []}}}}, "empty list of choices"),
+    ({"defenses": ["madry"]}, "registered defenses: "),
+    ({"defenses": ["standard"], "dataset": "svhn"}, "valid datasets: mnist5k"),
+    ({"defenses": ["standard"], "model": "vgg"}, "valid models: small_cnn"),
+    ({"defenses": ["standard"], "threat_model": {"attacks": ["pgd-40", "bim"]}}, "valid attacks:"),
+    ({"defenses": ["standard"], "trials_per_defense": 0}, "trials_per_defense"),
+    ({"defenses": {"standard": {"trials": -1}}}, "defenses.standard.trials"),
+    ({"defenses": {"trades": {"space": {"beta": -2.0}}}}, "beta=-2.0 must be ≥ 0"),
+    ({"defenses": {"trades": {"space": {"gamma": 1.0}}}}, "no hyperparameter 'gamma'"),
+    ({"defenses": {"trades": {"space": {"beta": {"low": 5, "high": 1}}}}}, "low < high"),
+    ({"defenses": {"standard": {"space": {"lr": 0}}}}, "must be a number > 0"),
+    ({"defenses": []}, "defenses"),
+])
+def test_bad_specs_name_what_is_wrong(raw, needle):
+    assert needle in error_of(raw)
+
+
+def test_space_override_syntax():
+    spec = parse({"defenses": {"trades": {"trials": 3, "space": {"beta": [1.0, 6.0],
+                                                                "lr": {"low": 1e-4, "high": 1e-2, "log": True}}}}})
+    assert spec.trials_for("trades") == 3
+
+
+def test_missing_spec_file_and_unknown_preset(tmp_path):
+    with pytest.raises(SpecError, match="not found"):
+        load(tmp_path / "nope.yaml")
+    with pytest.raises(SpecError, match="valid presets: smoke, default"):
+        load(preset="huge")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("defenses: [standard\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load(bad)

@@ -1,0 +1,170 @@
+"""The sweep CLI: the smoke preset through real Ray Tune + Optuna, bad input, Ctrl-C, resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from orchestrator import sweep
+from orchestrator.aggregate import pareto_front
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {"name": "tiny", "epochs": 1, "train_samples": 200, "eval_samples": 50, "batch_size": 50,
+        "threat_model": {"eps": 0.3, "attacks": ["fgsm", "pgd-3"], "train_steps": 2}}
+
+
+def write_spec(tmp_path, **over):
+    raw = {**TINY, **over}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Bad input must stop before Ray starts: make starting it an error."""
+    import ray
+
+    def refuse(*a, **k):
+        raise AssertionError("ray.init called for bad input")
+    monkeypatch.setattr(ray, "init", refuse)
+
+
+def run_bad(capsys, argv):
+    rc = sweep.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_smoke_preset_through_ray_tune_and_optuna(ray_session, tmp_path, capsys):
+    out = tmp_path / "smoke"
+    assert sweep.main(["--preset", "smoke", "--out", str(out), "--no-dashboard"]) == 0
+    stdout = capsys.readouterr().out
+    trials = pd.read_csv(out / "trials.csv")
+    pareto = pd.read_csv(out / "pareto.csv")
+    assert len(trials) == 4 and set(trials.defense) == {"standard", "pgd_at"}
+    for col in ["trial_id", "defense", "status", "clean_acc", "robust_acc", "robust_attack",
+                "train_seconds", "checkpoint", "hp.lr", "hp.clean_weight", "acc.fgsm",
+                "acc.pgd-10", "error"]:
+        assert col in trials.columns, col
+    assert (trials.status == "completed").all()
+    assert all(Path(p, "checkpoint.pt").is_file() for p in trials.checkpoint)
+    # pareto.csv holds exactly the non-dominated trials, robust_acc descending, one knee
+    front = pareto_front(trials, ["clean_acc", "robust_acc"])
+    assert sorted(pareto.trial_id) == sorted(front.trial_id)
+    assert list(pareto.robust_acc) == sorted(pareto.robust_acc, reverse=True)
+    assert pareto.is_knee.sum() == 1
+    assert (out / "pareto.png").stat().st_size > 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["spec"]["name"] == "smoke" and manifest["seeds"] == [0]
+    # the Optuna study lives in SQLite in the run dir, one study per defense
+    study = optuna.load_study(study_name="smoke-pgd_at", storage=f"sqlite:///{out / 'optuna.db'}")
+    assert len(study.trials) == 2 and len(study.best_trials) >= 1
+    assert stdout.count("completed clean=") == 4  # plain dashboard: one line per trial
+
+
+def test_nan_trial_is_failed_and_the_sweep_goes_on(ray_session, tmp_path):
+    spec = write_spec(tmp_path, optimizer={"name": "sgd"},
+                      defenses={"standard": {"trials": 2, "space": {"lr": [1e12, 1e-2]}}},
+                      search="random")
+    out = tmp_path / "out"
+    assert sweep.main(["--spec", spec, "--out", str(out), "--no-dashboard"]) == 0
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 2
+    failed = trials[trials.status == "failed"]
+    assert len(failed) >= 1 and failed.error.str.contains("nan").all()
+    pareto = pd.read_csv(out / "pareto.csv")
+    assert set(pareto.trial_id) <= set(trials[trials.status == "completed"].trial_id)
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({"defenses": ["standard"], "epoch": 2}, "did you mean 'epochs'"),
+    ({"defenses": ["standard"], "threat_model": {"eps": 2}}, "threat_model.eps"),
+    ({"defenses": ["nope"]}, "registered defenses"),
+    ({"defenses": ["standard"], "resources": {"cpus_per_trial": 4096}}, "cpus_per_trial=4096"),
+    ({"defenses": ["standard"], "resources": {"gpus_per_trial": 64}}, "gpus_per_trial=64"),
+])
+def test_bad_input_exits_2_before_ray(no_ray, tmp_path, capsys, over, needle):
+    err = run_bad(capsys, ["--spec", write_spec(tmp_path, **over), "--out", str(tmp_path / "o")])
+    assert needle in err
+    assert not (tmp_path / "o" / "spec.json").exists()
+
+
+def test_missing_cifar_files_say_how_to_get_them(no_ray, tmp_path, capsys):
+    spec = write_spec(tmp_path, defenses=["standard"], dataset="cifar10", model="preact_resnet18")
+    err = run_bad(capsys, ["--spec", spec, "--data-root", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "cifar-10-python.tar.gz" in err
+
+
+def test_earlier_run_is_never_overwritten_without_resume(no_ray, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "records").mkdir(parents=True)
+    (out / "spec.json").write_text('{"kept": true}')
+    (out / "trials.csv").write_text("precious")
+    err = run_bad(capsys, ["--preset", "smoke", "--out", str(out)])
+    assert "--resume" in err
+    assert (out / "trials.csv").read_text() == "precious"
+    assert (out / "spec.json").read_text() == '{"kept": true}'
+
+
+def test_resume_without_an_earlier_run(no_ray, tmp_path, capsys):
+    err = run_bad(capsys, ["--resume", "--out", str(tmp_path / "y")])
+    assert "holds no earlier run" in err
+
+
+def test_unwritable_output_dir(no_ray, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    err = run_bad(capsys, ["--preset", "smoke", "--out", str(blocker / "sub")])
+    assert "not writable" in err
+
+
+def test_unreachable_address_fails_fast(no_ray, tmp_path, capsys):
+    t0 = time.monotonic()
+    err = run_bad(capsys, ["--preset", "smoke", "--out", str(tmp_path / "o"), "--address", "127.0.0.1:1"])
+    assert "cannot reach" in err and time.monotonic() - t0 < 10
+
+
+def test_unknown_preset_and_missing_spec(no_ray, tmp_path, capsys):
+    assert "valid presets" in run_bad(capsys, ["--preset", "huge", "--out", str(tmp_path / "o")])
+    assert "not found" in run_bad(capsys, ["--spec", str(tmp_path / "no.yaml"), "--out", str(tmp_path / "o")])
+
+
+def test_ctrl_c_leaves_valid_csvs_and_resume_finishes(tmp_path):
+    """A real SIGINT mid-sweep (separate process, its own local Ray), then --resume."""
+    spec = write_spec(tmp_path, defenses={"standard": {"trials": 2}, "pgd_at": {"trials": 2}},
+                      epochs=2, train_samples=600)
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "orchestrator" / "sweep.py"), "--spec", spec, "--out", str(out),
+           "--no-dashboard", "--address", "local"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list((out / "records").glob("*.json"))) >= 1:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err
+    assert f"--resume --out {out}" in err
+    first = pd.read_csv(out / "trials.csv")
+    assert 1 <= len(first) < 4 and (first.status == "completed").all()
+
+    done = subprocess.run(cmd[:-2] + ["--resume", "--address", "local"], capture_output=True,
+                          text=True, env=env, timeout=400)
+    assert done.returncode == 0, done.stderr
+    final = pd.read_csv(out / "trials.csv")
+    assert len(final) == 4 and final.trial_id.is_unique
+    assert set(first.trial_id) <= set(final.trial_id)  # nothing finished was run again
+    assert (final.status == "completed").all()

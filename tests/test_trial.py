@@ -1,0 +1,83 @@
+"""run_trial from plain Python: determinism, resume, divergence, and the baselines' contract."""
+import copy
+
+import pytest
+import torch
+
+from defenses import registry
+from defenses.base import ThreatModel
+from defenses.fgsm_rs import FGSMRS
+from orchestrator.records import COMPLETED, FAILED
+from orchestrator.spec import parse
+from orchestrator.trial import LocalReporter, run_trial
+
+TINY = {"dataset": "mnist5k", "model": "small_cnn", "epochs": 1, "train_samples": 300,
+        "eval_samples": 100, "batch_size": 50,
+        "threat_model": {"eps": 0.3, "attacks": ["fgsm", "pgd-5"], "train_steps": 2}}
+
+
+def tiny(**over):
+    raw = copy.deepcopy(TINY)
+    raw.update(over)
+    raw.setdefault("defenses", ["standard"])
+    return parse(raw)
+
+
+def test_run_trial_is_deterministic_on_cpu(tmp_path):
+    spec = tiny(defenses=["pgd_at"])
+    a = run_trial({"defense": "pgd_at", "hp": {"lr": 1e-3}, "spec": spec, "run_dir": str(tmp_path)})
+    b = run_trial({"defense": "pgd_at", "hp": {"lr": 1e-3}, "spec": spec, "run_dir": str(tmp_path)})
+    assert a.status == b.status == COMPLETED
+    assert (a.clean_acc, a.robust_acc, a.acc) == (b.clean_acc, b.robust_acc, b.acc)
+
+
+def test_resumed_trial_ends_where_an_uninterrupted_one_does(tmp_path):
+    full = LocalReporter(tmp_path / "full", "full")
+    run_trial({"defense": "standard", "hp": {}, "spec": tiny(epochs=2)}, reporter=full)
+    # interrupted after epoch 1: a reporter holding the epoch-1 checkpoint, then resumed
+    part = LocalReporter(tmp_path / "part", "part")
+    run_trial({"defense": "standard", "hp": {}, "spec": tiny(epochs=1)}, reporter=part)
+    resumed = run_trial({"defense": "standard", "hp": {}, "spec": tiny(epochs=2)}, reporter=part)
+    w_full = torch.load(full.checkpoint_dir / "checkpoint.pt", weights_only=True)["model"]
+    w_res = torch.load(part.checkpoint_dir / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
+    assert resumed.clean_acc == full.results[-1]["clean_acc"]
+    assert [r["epoch"] for r in part.results] == [1, 1, 2, 2]  # resumed at epoch 2 only
+
+
+def test_per_epoch_reports_then_a_final_record(tmp_path):
+    rep = LocalReporter(tmp_path / "r", "r")
+    rec = run_trial({"defense": "standard", "hp": {}, "spec": tiny(epochs=2)}, reporter=rep)
+    assert [r["status"] for r in rep.results] == ["running", "running", "completed"]
+    assert rep.results[-1]["record"]["trial_id"] == rec.trial_id == "r"
+    assert rec.epochs == 2 and rec.train_seconds > 0 and set(rec.acc) == {"fgsm", "pgd-5"}
+
+
+def test_diverging_loss_fails_the_trial_with_its_reason():
+    spec = tiny(optimizer={"name": "sgd"})
+    rec = run_trial({"defense": "standard", "hp": {"lr": 1e12}, "spec": spec})
+    assert rec.status == FAILED and "nan" in rec.error.lower()
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_clean_accuracy_is_at_least_robust_for_every_defense(name, tmp_path):
+    rec = run_trial({"defense": name, "hp": {}, "spec": tiny(defenses=[name]), "run_dir": str(tmp_path)})
+    assert rec.status == COMPLETED, rec.error
+    assert 0.0 <= rec.robust_acc <= rec.clean_acc <= 1.0
+    assert min(rec.acc.values()) == rec.robust_acc  # the cascade's last step is the worst case
+
+
+def test_fgsm_rs_guard_catches_a_collapse_and_restores_the_best_weights(trained_cnn, mnist):
+    model = copy.deepcopy(trained_cnn).train()
+    defense = FGSMRS(model, FGSMRS.make_params({}), ThreatModel(eps=0.1))
+    holdout = (mnist.test_x[:128], mnist.test_y[:128])
+    first = defense.end_epoch(1, holdout)
+    best = copy.deepcopy(model.state_dict())
+    with torch.no_grad():  # a collapse: the classifier forgets everything
+        model.head[-1].weight.zero_()
+        model.head[-1].bias.copy_(torch.arange(10.0))
+    second = defense.end_epoch(2, holdout)
+    assert first["holdout_pgd_acc"] - second["holdout_pgd_acc"] > 0.2
+    assert defense.stop_training and defense.flags() == {"catastrophic_overfitting": True}
+    defense.finalize()
+    assert all(torch.equal(model.state_dict()[k], best[k]) for k in best)
