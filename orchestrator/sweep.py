@@ -142,6 +142,7 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
     from rich.console import Console
 
     from orchestrator.dashboard import Dashboard
+    from orchestrator.records import load_records
     from orchestrator.tune_adapter import RecordWriter, make_searcher, tune_trial
 
     import optuna
@@ -174,10 +175,11 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
                                      run_dir=str(out.resolve()), run_id=run_id),
                 {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
             tuner = _tuner(tune, trainable, spec, defense, out, resume, [writer, board], make_searcher)
-            grid = tuner.fit()
-            finished = sum(1 for res in grid if res.metrics and res.metrics.get("status") != "running"
-                           or res.error is not None)
-            if len(grid) < spec.trials_for(defense) or finished < len(grid):
+            tuner.fit()
+            # Ground truth for "did this defense finish": every trial leaves a final record
+            # (completed or failed). Fewer records than trials means Tune was interrupted.
+            finished = {r.trial_id for r in load_records(out) if r.defense == defense}
+            if len(finished) < spec.trials_for(defense):
                 interrupted = True
                 break
     except KeyboardInterrupt:
