@@ -20,6 +20,11 @@ TINY = {"name": "tiny", "epochs": 1, "train_samples": 200, "eval_samples": 50, "
         "threat_model": {"eps": 0.3, "attacks": ["fgsm", "pgd-3"], "train_steps": 2}}
 
 
+def read_csv(path):
+    # Tune's trial ids are hex: "7e123456" would otherwise be read as the float 7e123456
+    return pd.read_csv(path, dtype={"trial_id": str})
+
+
 def write_spec(tmp_path, **over):
     raw = {**TINY, **over}
     path = tmp_path / "spec.yaml"
@@ -49,8 +54,8 @@ def test_smoke_preset_through_ray_tune_and_optuna(ray_session, tmp_path, capsys)
     out = tmp_path / "smoke"
     assert sweep.main(["--preset", "smoke", "--out", str(out), "--no-dashboard"]) == 0
     stdout = capsys.readouterr().out
-    trials = pd.read_csv(out / "trials.csv")
-    pareto = pd.read_csv(out / "pareto.csv")
+    trials = read_csv(out / "trials.csv")
+    pareto = read_csv(out / "pareto.csv")
     assert len(trials) == 4 and set(trials.defense) == {"standard", "pgd_at"}
     for col in ["trial_id", "defense", "status", "clean_acc", "robust_acc", "robust_attack",
                 "train_seconds", "checkpoint", "hp.lr", "hp.clean_weight", "acc.fgsm",
@@ -78,11 +83,11 @@ def test_nan_trial_is_failed_and_the_sweep_goes_on(ray_session, tmp_path):
                       search="random")
     out = tmp_path / "out"
     assert sweep.main(["--spec", spec, "--out", str(out), "--no-dashboard"]) == 0
-    trials = pd.read_csv(out / "trials.csv")
+    trials = read_csv(out / "trials.csv")
     assert len(trials) == 2
     failed = trials[trials.status == "failed"]
     assert len(failed) >= 1 and failed.error.str.contains("nan").all()
-    pareto = pd.read_csv(out / "pareto.csv")
+    pareto = read_csv(out / "pareto.csv")
     assert set(pareto.trial_id) <= set(trials[trials.status == "completed"].trial_id)
 
 
@@ -158,13 +163,13 @@ def test_ctrl_c_leaves_valid_csvs_and_resume_finishes(tmp_path):
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 130, err
     assert f"--resume --out {out}" in err
-    first = pd.read_csv(out / "trials.csv")
+    first = read_csv(out / "trials.csv")
     assert 1 <= len(first) < 4 and (first.status == "completed").all()
 
     done = subprocess.run(cmd[:-2] + ["--resume", "--address", "local"], capture_output=True,
                           text=True, env=env, timeout=400)
     assert done.returncode == 0, done.stderr
-    final = pd.read_csv(out / "trials.csv")
+    final = read_csv(out / "trials.csv")
     assert len(final) == 4 and final.trial_id.is_unique
     assert set(first.trial_id) <= set(final.trial_id)  # nothing finished was run again
     assert (final.status == "completed").all()
