@@ -146,10 +146,14 @@ class ATAT(LossDefense):
 
     def __init__(self, model: nn.Module, params: ATATParams, threat):
         super().__init__(model, params, threat)
-        check_attention_layer(model)
+        self.check_model(model)
         self.teacher: nn.Module | None = None
         self._sums: dict[str, torch.Tensor] = {}
         self._batches = 0
+
+    @classmethod
+    def check_model(cls, model: nn.Module) -> None:
+        check_attention_layer(model)
 
     @classmethod
     def validate(cls, params: ATATParams) -> None:

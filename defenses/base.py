@@ -99,6 +99,11 @@ class Defense(abc.ABC):
     def base_model(cls, params: Any) -> BaseModelRequest | None:
         return None
 
+    @classmethod
+    def check_model(cls, model: nn.Module) -> None:
+        """Raise DefenseConfigError when the defense cannot work on this architecture (e.g. SAD
+        without BatchNorm, Grad-CAM without an attention layer); checked before Ray starts."""
+
     # --- training ------------------------------------------------------------------------
     def setup(self, data: Dataset, base_checkpoint: Path | None) -> None:
         """Called once before training (load a base model, cache teacher saliency, ...)."""

@@ -25,6 +25,10 @@ _CIFAR = {
 }
 
 
+# name: (classes, channels), to build and check a model before any data is read
+SHAPES = {"mnist5k": (10, 1), "cifar10": (10, 3), "cifar100": (100, 3)}
+
+
 class DatasetError(ValueError):
     """A dataset name or its files are wrong; the message says how to fix it."""
 

@@ -166,7 +166,20 @@ def parse(raw: dict[str, Any]) -> SweepSpec:
         raise SpecError(_one_line(e, raw)) from None
     for defense in spec.defenses:
         build_space(spec, defense)  # raises SpecError for empty/invalid spaces and values
+    check_models(spec)
     return spec
+
+
+def check_models(spec: SweepSpec) -> None:
+    """Each defense's architecture requirement (BatchNorm, an attention layer, ...) on the spec's
+    model, built once on the CPU: a mismatch stops the sweep here instead of failing every trial."""
+    classes, channels = data_lib.SHAPES[spec.dataset]
+    model = model_lib.build(spec.model, classes, channels)
+    for defense in spec.defenses:
+        try:
+            registry.get(defense).check_model(model)
+        except DefenseConfigError as e:
+            raise SpecError(f"spec error at model: {e}") from None
 
 
 def load(path: str | Path | None = None, preset: str | None = None) -> SweepSpec:

@@ -104,7 +104,12 @@ def build_setup(spec: SweepSpec, defense_name: str, hp: dict[str, Any], device: 
     base_path = None
     if request is not None:
         from orchestrator.bases import ensure_base
-        base_path = ensure_base(spec, request, run_dir, device)
+
+        # Training the base (first trial only) must not shift this trial's random stream:
+        # otherwise the first trial of a sweep and its re-run from the cache would differ.
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            base_path = ensure_base(spec, request, run_dir, device)
     defense.setup(dataset, base_path)
 
     opt = spec.optimizer

@@ -66,3 +66,21 @@ def test_missing_spec_file_and_unknown_preset(tmp_path):
     bad.write_text("defenses: [standard\n")
     with pytest.raises(SpecError, match="not valid YAML"):
         load(bad)
+
+
+def test_a_defense_that_cannot_use_the_model_stops_at_the_spec(monkeypatch):
+    # SAD needs BatchNorm, ATAT an attention layer: checked on the spec's model before Ray starts
+    import torch.nn as nn
+
+    from defenses import models as model_lib
+
+    class Plain(nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :10]
+
+    monkeypatch.setattr(model_lib, "build", lambda name, classes, channels: Plain())
+    with pytest.raises(SpecError, match=r"^spec error at model: sad: model Plain has no BatchNorm"):
+        parse({"defenses": {"sad": {"trials": 1}}})
+    with pytest.raises(SpecError, match=r"^spec error at model: atat: model Plain names no attention"):
+        parse({"defenses": {"atat": {"trials": 1}}})
+    parse({"defenses": {"standard": {"trials": 1}}})  # no requirement: fine

@@ -31,6 +31,29 @@ def test_run_trial_is_deterministic_on_cpu(tmp_path):
     assert (a.clean_acc, a.robust_acc, a.acc) == (b.clean_acc, b.robust_acc, b.acc)
 
 
+def test_training_the_base_model_does_not_shift_the_trial_random_stream(tmp_path, monkeypatch):
+    # The first trial of a run trains the base model (a PGD-AT teacher draws random starts), the
+    # next loads it from the cache: both must go on with the same random stream.
+    import orchestrator.bases as bases
+    from orchestrator.trial import build_setup
+
+    real = bases.ensure_base
+
+    def drawing_ensure_base(*args, **kwargs):
+        torch.rand(1000)  # what a training with random draws does to the global stream
+        return real(*args, **kwargs)
+
+    spec = tiny(defenses=["atat"], train_samples=200)
+    draws = []
+    for patched in (False, True):
+        with monkeypatch.context() as m:
+            if patched:
+                m.setattr(bases, "ensure_base", drawing_ensure_base)
+            build_setup(spec, "atat", {}, torch.device("cpu"), tmp_path)
+            draws.append(torch.rand(4))
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
+
+
 def test_resumed_trial_ends_where_an_uninterrupted_one_does(tmp_path):
     full = LocalReporter(tmp_path / "full", "full")
     run_trial({"defense": "standard", "hp": {}, "spec": tiny(epochs=2)}, reporter=full)
