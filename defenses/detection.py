@@ -1,0 +1,340 @@
+"""Shared pieces of the detectors (defenses whose ``predict`` also returns ``rejected``):
+their metrics, loading the classifier they guard, and ``GuardDetector``, the base class of a
+detector that guards a trained classifier without training it.
+
+Definitions (stated once here, used by every detector of the project):
+
+- **OSPA** (Original Samples Prediction Accuracy, Ye et al.): fraction of clean inputs that
+  are classified correctly *and* not rejected, i.e. the clean accuracy of the defended model
+  (``benchmark``'s ``clean_acc``). The paper evaluates only originally correct samples, so its
+  θ = 0 row reads 100 %; here it is over all clean inputs and starts at the classifier's own
+  accuracy.
+- **FPR**: fraction of clean inputs rejected.
+- **Detection rate** of an attack: among the adversarial examples that fool the classifier
+  (crafted from clean inputs it classifies correctly), the fraction the detector rejects
+  (Xu et al. / Ye et al. count detections over successful adversarial examples).
+- **AUROC** and **TPR at a fixed FPR**: from the detector's continuous score (higher = more
+  suspicious), clean inputs (all of them) against the successful adversarial examples.
+  The threshold for a stated FPR is the (1 - FPR) quantile of the clean scores.
+- **Robust accuracy** of an attack (benchmark's rule): an input counts if it is accepted and
+  correct when clean, and its adversarial version is rejected or still correct.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Mapping, Protocol, Sequence
+
+import torch
+import torch.nn as nn
+
+from defenses import attacks as attack_lib
+from defenses import models as model_lib
+from defenses.attacks import Attack, frozen_eval
+from defenses.attacks.detector_aware import ExtraClassCW, OrthogonalPGD
+from defenses.base import BaseModelRequest, Defense, DefenseConfigError, Prediction
+from defenses.data import Dataset
+
+log = logging.getLogger(__name__)
+
+
+class ScoredDetector(Protocol):
+    """What the metrics need: the model it guards, the decision, and a continuous score."""
+
+    model: torch.nn.Module
+
+    def predict(self, x: torch.Tensor) -> Prediction: ...
+
+    def detector_score(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def ospa(pred: torch.Tensor, y: torch.Tensor, rejected: torch.Tensor) -> float:
+    """Fraction of clean inputs classified correctly and accepted."""
+    return ((pred == y) & ~rejected).float().mean().item()
+
+
+def detection_rate(rejected: torch.Tensor, fooled: torch.Tensor) -> float:
+    """Fraction of the successful adversarial examples (``fooled``) that are rejected;
+    NaN when the attack fooled nothing (there is nothing to detect)."""
+    n = int(fooled.sum())
+    return math.nan if n == 0 else (rejected & fooled).float().sum().item() / n
+
+
+def roc_auc(clean_scores: torch.Tensor, adv_scores: torch.Tensor) -> float:
+    """Area under the ROC curve = P(adv score > clean score) + ½ P(tie) (Mann-Whitney U with
+    average ranks), so a score constant on both sets gives exactly 0.5."""
+    if len(clean_scores) == 0 or len(adv_scores) == 0:
+        return math.nan
+    scores = torch.cat([clean_scores, adv_scores]).double().cpu()
+    ranks = _average_ranks(scores)
+    n_clean, n_adv = len(clean_scores), len(adv_scores)
+    u = ranks[n_clean:].sum().item() - n_adv * (n_adv + 1) / 2
+    return u / (n_clean * n_adv)
+
+
+def _average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """1-based ranks, ties sharing the mean of their ranks."""
+    order = values.argsort()
+    sorted_vals = values[order]
+    ranks = torch.empty_like(values)
+    ranks[order] = torch.arange(1, len(values) + 1, dtype=values.dtype)
+    unique, inverse = torch.unique_consecutive(sorted_vals, return_inverse=True)
+    if len(unique) < len(values):  # average the ranks inside each group of equal values
+        sums = torch.zeros(len(unique), dtype=values.dtype).index_add_(0, inverse, ranks[order])
+        counts = torch.bincount(inverse, minlength=len(unique)).to(values.dtype)
+        ranks[order] = (sums / counts)[inverse]
+    return ranks
+
+
+def threshold_at_fpr(clean_scores: torch.Tensor, fpr: float) -> float:
+    """The (1 - fpr) quantile of clean scores: rejecting ``score > threshold`` flags a
+    fraction ``fpr`` of inputs drawn like ``clean_scores`` (the 95th percentile at 5 %)."""
+    if not 0.0 < fpr < 1.0:
+        raise ValueError(f"fpr={fpr} must lie strictly between 0 and 1")
+    if len(clean_scores) == 0:
+        raise ValueError("threshold_at_fpr needs at least one clean score")
+    return torch.quantile(clean_scores.double().cpu(), 1.0 - fpr).item()
+
+
+def tpr_at_fpr(clean_scores: torch.Tensor, adv_scores: torch.Tensor, fpr: float = 0.05) -> float:
+    """Fraction of adversarial scores above the clean threshold for ``fpr``."""
+    if len(adv_scores) == 0 or len(clean_scores) == 0:
+        return math.nan
+    tau = threshold_at_fpr(clean_scores, fpr)
+    return (adv_scores.double().cpu() > tau).float().mean().item()
+
+
+def calibrate_threshold(raw_score, model: nn.Module, batches, fpr: float
+                        ) -> tuple[float, torch.Tensor]:
+    """(threshold at ``fpr``, the clean scores) of ``raw_score(x, logits)`` over clean
+    ``batches`` (e.g. the training batches of an epoch), the model frozen in eval mode."""
+    scores = []
+    with frozen_eval(model), torch.no_grad():
+        for x, _ in batches:
+            scores.append(raw_score(x, model(x)).cpu())
+    scores = torch.cat(scores)
+    return threshold_at_fpr(scores, fpr), scores
+
+
+# --- evaluating a detector on clean inputs and on fixed adversarial sets ---------------------
+
+@dataclasses.dataclass
+class AttackDetection:
+    attack: str
+    attacked: int           # clean inputs the classifier got right, hence attacked
+    fooled: int             # adversarial examples that fool the classifier
+    detection_rate: float   # fooled ones rejected
+    auroc: float            # detector score: clean vs fooled adversarial
+    tpr_at_fpr: float       # at the report's FPR (5 % unless stated)
+    evasion_rate: float     # attacked inputs fooled *and* accepted (attack success after detection)
+    robust_acc: float       # benchmark's rule, this attack alone
+    robust_mask: torch.Tensor = dataclasses.field(repr=False, default=None)  # per input
+
+
+@dataclasses.dataclass
+class DetectorReport:
+    n: int
+    classifier_acc: float   # the guarded classifier alone, no rejection
+    ospa: float
+    fpr: float              # clean inputs rejected
+    fpr_target: float       # the FPR at which ``tpr_at_fpr`` is read
+    attacks: dict[str, AttackDetection]
+
+    def worst_case_robust_acc(self, attacks: Sequence[str] | None = None) -> float:
+        """Robust accuracy when every attack (of ``attacks``, default all) is tried per input."""
+        names = list(self.attacks) if attacks is None else list(attacks)
+        mask = torch.stack([self.attacks[a].robust_mask for a in names]).all(0)
+        return mask.float().mean().item()
+
+    def as_metrics(self) -> dict[str, float]:
+        """Flat numeric metrics for a trial record (``det.<attack>.<metric>``)."""
+        out = {"ospa": self.ospa, "clean_fpr": self.fpr, "classifier_acc": self.classifier_acc}
+        for name, a in self.attacks.items():
+            out.update({f"det.{name}.detection_rate": a.detection_rate,
+                        f"det.{name}.auroc": a.auroc, f"det.{name}.tpr_at_fpr": a.tpr_at_fpr,
+                        f"det.{name}.evasion_rate": a.evasion_rate})
+        return out
+
+
+def _decide(detector: ScoredDetector, x: torch.Tensor, batch_size: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    preds, rejected, scores = [], [], []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size]
+            if hasattr(detector, "decide"):  # one pass instead of predict + detector_score
+                logits, rej, score = detector.decide(xb)
+            else:
+                (logits, rej), score = detector.predict(xb), detector.detector_score(xb)
+            preds.append(logits.argmax(1))
+            rejected.append(rej)
+            scores.append(score)
+    return torch.cat(preds), torch.cat(rejected), torch.cat(scores)
+
+
+def craft(attacks: Sequence[Attack], x: torch.Tensor, y: torch.Tensor,
+          batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Adversarial versions of every input, per attack (``attack.name`` -> tensor like x).
+    Built once so that several detector settings can be scored on the same examples."""
+    out = {}
+    for attack in attacks:
+        out[attack.name] = torch.cat([attack(x[i:i + batch_size], y[i:i + batch_size])
+                                      for i in range(0, len(x), batch_size)])
+    return out
+
+
+def detection_report(detector: ScoredDetector, x: torch.Tensor, y: torch.Tensor,
+                     adversarials: Mapping[str, torch.Tensor], batch_size: int = 256,
+                     fpr: float = 0.05) -> DetectorReport:
+    """Detector metrics on clean (x, y) and on ``adversarials`` (same order as x; e.g. from
+    ``craft``). Only inputs the classifier gets right count as attacked."""
+    with frozen_eval(detector.model):
+        pred, rejected, clean_scores = _decide(detector, x, batch_size)
+        accepted_correct = (pred == y) & ~rejected
+        correct = pred == y
+        report = {}
+        for name, adv in adversarials.items():
+            adv_pred, adv_rej, adv_scores = _decide(detector, adv, batch_size)
+            fooled = correct & (adv_pred != y)
+            evaded = fooled & ~adv_rej
+            robust = accepted_correct & ((adv_pred == y) | adv_rej)
+            report[name] = AttackDetection(
+                attack=name, attacked=int(correct.sum()), fooled=int(fooled.sum()),
+                detection_rate=detection_rate(adv_rej, fooled),
+                auroc=roc_auc(clean_scores, adv_scores[fooled]),
+                tpr_at_fpr=tpr_at_fpr(clean_scores, adv_scores[fooled], fpr),
+                evasion_rate=evaded.float().sum().item() / max(int(correct.sum()), 1),
+                robust_acc=robust.float().mean().item(), robust_mask=robust.cpu())
+    return DetectorReport(n=len(y), classifier_acc=correct.float().mean().item(),
+                          ospa=ospa(pred, y, rejected), fpr=rejected.float().mean().item(),
+                          fpr_target=fpr, attacks=report)
+
+
+# --- the classifier a detector guards -------------------------------------------------------
+
+def load_guarded_classifier(model: nn.Module, checkpoint: Path | None, data: Dataset,
+                            defense: str) -> None:
+    """Load the base classifier at ``checkpoint`` into ``model`` (the trial's architecture);
+    a checkpoint trained for another dataset or classifier is a DefenseConfigError."""
+    if checkpoint is None:
+        raise DefenseConfigError(f"{defense}: needs the checkpoint of the classifier it guards "
+                                 "(base model 'standard'); none was given")
+    state = torch.load(checkpoint, map_location=next(model.parameters()).device, weights_only=True)
+    meta = state.get("meta", {})
+    if meta.get("dataset") != data.name or meta.get("num_classes") != data.num_classes \
+            or meta.get("in_channels") != data.in_channels:
+        raise DefenseConfigError(
+            f"{defense}: classifier checkpoint {checkpoint} was trained on {meta.get('dataset')!r} "
+            f"({meta.get('num_classes')} classes, {meta.get('in_channels')} channels), not on "
+            f"{data.name!r} ({data.num_classes} classes, {data.in_channels} channels)")
+    expected = type(model_lib.build(meta["model"], data.num_classes, data.in_channels)) \
+        if meta.get("model") in model_lib.NAMES else None
+    if expected is not type(model):
+        raise DefenseConfigError(f"{defense}: classifier checkpoint {checkpoint} is a "
+                                 f"{meta.get('model')!r}, the trial's model is {type(model).__name__}")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise DefenseConfigError(f"{defense}: classifier checkpoint {checkpoint} does not fit the "
+                                 f"trial's model: {str(e).splitlines()[0]}") from None
+    model.eval()
+
+
+class _Joint(nn.Module):
+    """``x -> (logits, score)`` for the detector-aware attacks; the classifier is a submodule
+    so the attacks freeze it."""
+
+    def __init__(self, classifier: nn.Module, detector: "GuardDetector"):
+        super().__init__()
+        self.classifier = classifier
+        self._detector = [detector]  # a list: not registered as a submodule (no recursion)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.classifier(x)
+        return logits, self._detector[0].score(x, logits)
+
+
+class GuardDetector(Defense):
+    """A detector guarding a classifier trained with standard training (the base model): it
+    learns no weights, so an epoch only calibrates what the subclass needs and ends training.
+    ``predict`` returns the classifier's logits and the detector's ``rejected`` flag.
+
+    Subclasses give ``score(x, logits)``: a continuous decision value with the detector's
+    threshold subtracted, differentiable in x when x requires grad (through a surrogate where
+    the decision itself is not, e.g. straight-through rounding), and the detector rejects
+    exactly when ``score > 0``. The adaptive attacks attack the classifier and this score
+    together, so the attacks and ``predict`` see the same decision."""
+
+    holdout_size = 200        # training images kept out of calibration: held-out checks
+    report_fpr = 0.05         # FPR at which TPR is reported
+    # attack kinds (and evaluation presets) whose steps set the detector-aware attacks' budget
+    ITERATIVE = ("pgd", "pgd_cw", "mim", "cw", "apgd_ce", "apgd_dlr", "apgd_t", "fab_t")
+    PRESET_BUDGETS = {"fast": 20, "standard": 100}
+    DEFAULT_BUDGET = 20
+
+    @classmethod
+    def base_model(cls, params) -> BaseModelRequest:
+        return BaseModelRequest(defense="standard")
+
+    def setup(self, data, base_checkpoint):
+        load_guarded_classifier(self.model, base_checkpoint, data, self.name)
+
+    def train_epoch(self, batches, optimizer, epoch, scheduler=None):
+        # nothing to learn: the classifier is the base model and stays as it is
+        self.stop_training = True
+        return {}
+
+    def end_epoch(self, epoch, holdout):
+        """Held-out detector metrics after calibration: OSPA, FPR and FGSM detection."""
+        if holdout is None:
+            return {}
+        x, y = holdout
+        fgsm = attack_lib.make("fgsm", self.model, self.threat.eps)
+        report = detection_report(self, x, y, craft([fgsm], x, y), fpr=self.report_fpr)
+        return {f"holdout.{k}": v for k, v in report.as_metrics().items()}
+
+    @abc.abstractmethod
+    def score(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """(N,) decision value minus threshold; > 0 means rejected."""
+
+    def decide(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, rejected, score) in one pass: rejected is ``score > 0``."""
+        logits = self.model(x)
+        score = self.score(x, logits)
+        return logits, score > 0, score
+
+    def predict(self, x):
+        logits, rejected, _ = self.decide(x)
+        return Prediction(logits, rejected)
+
+    def detector_score(self, x: torch.Tensor) -> torch.Tensor:
+        """The continuous score (no gradient), for AUROC and TPR at a fixed FPR."""
+        with torch.no_grad():
+            return self.decide(x)[2].detach()
+
+    def joint(self) -> nn.Module:
+        return _Joint(self.model, self)
+
+    def adaptive_budget(self) -> int:
+        """Steps of the detector-aware attacks: those of the strongest iterative attack of the
+        threat model (pgd-20 -> 20), so asking for stronger attacks strengthens them too."""
+        budgets = []
+        for name in self.threat.attacks:
+            name = str(name).strip().lower()
+            m = re.fullmatch(r"([a-z_]+)(?:-(\d+))?(?:x\d+)?", name)
+            if name in self.PRESET_BUDGETS:
+                budgets.append(self.PRESET_BUDGETS[name])
+            elif m and m.group(1) in self.ITERATIVE:
+                budgets.append(int(m.group(2)) if m.group(2) else self.DEFAULT_BUDGET)
+        return max(budgets, default=self.DEFAULT_BUDGET)
+
+    def adaptive_attacks(self, eps):
+        """Extra-class C&W (the budget split over 2 rounds of its search on c), then orthogonal
+        PGD, both stopping per example at the first accepted misclassification."""
+        k, joint = self.adaptive_budget(), self.joint()
+        return [ExtraClassCW(joint, eps, steps=max(k // 2, 1), search_steps=2, early_stop=True),
+                OrthogonalPGD(joint, eps, steps=k, early_stop=True)]
