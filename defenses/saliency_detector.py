@@ -1,0 +1,689 @@
+"""Model-based saliency detectors of adversarial examples (``shared/papers/001``, ICLR 2020
+submission "Model-based saliency for the detection of adversarial examples").
+
+A small CNN, trained on clean images against adversarial images of ONE attack on the guarded
+classifier f, decides whether an input is adversarial. What it sees (§3.4-3.6):
+
+- ``smd`` (Saliency Map Defense): the saliency mask f_s(x) of the real-time masking model
+  (``defenses.saliency_masking``) for f's predicted class;
+- ``spd`` (Salient Pixel Defense): the salient pixels f_s(x)·x;
+- ``id`` (Image Defense, Gong et al. 2017): the image alone;
+- ``jsd`` (Jacobian Saliency Defense, Zhang et al. 2018): the image concatenated with the
+  gradient of the logit of the predicted class ∇_x z_c(x). The paper takes ∇_x of the logits
+  (not of the softmax, which underflows); of the K logit gradients we keep the predicted
+  class's, the same class every other detector selects.
+
+Training data (§3.7): one adversarial example per clean training image, from one attack
+(``train_attack``). Unlike the paper, only adversarial examples that actually fool f (from
+clean images it classifies correctly) are labelled adversarial: a failed attack leaves an image
+the classifier reads correctly, and calling it adversarial would teach the detector noise.
+The positive class is re-weighted so both classes weigh the same.
+
+The decision: reject x when the detector's logit exceeds a threshold set on clean images the
+detector never trained on (a calibration split of the training set) so that a fraction ``fpr``
+(5 % by default) of them is rejected.
+
+Attacks for training and for the cross-attack table: FGSM, BIM (torchattacks BIM = PGD without
+random start), MIM at the threat model's ε (L∞); C&W-L2 (torchattacks, c = 10, 30 Adam steps of
+0.1) and DeepFool (L2) in their own norm, not clipped to ε, as the paper runs its cleverhans
+"black-box" attacks; JSMA (torchattacks, θ = 1, γ = 0.1, L0) only as a test attack: it runs one
+image at a time with a Jacobian per pixel pair step (≈ 1 s per MNIST image here), too slow to
+build a training set inside a trial. DeepFool is our batched version of Moosavi-Dezfooli et
+al.'s algorithm (accumulated perturbation, overshoot 0.02): torchattacks' DeepFool clips every
+iterate to [0,1] and stalls on MNIST (17 % success at 10 steps, 45 % at 50, measured here) and
+loops over images one by one.
+
+White-box attack (§3.8) and detector adversarial training: ``AlternatingWhiteBox`` alternates
+a signed-gradient step that raises the classifier's loss (Eq. 3) with one that lowers the
+detector's score (Eq. 4), T = 5 rounds. The paper writes both steps as x_adv = Clip(x +
+ε·sign(∇·)) from the clean x; taken literally, each step would discard the one before it, so
+we read them as BIM steps from the current iterate, of size α = 2.5ε/(2T), projected onto the
+ε-ball. With ``adv_train`` the detector is retrained every epoch with fresh white-box examples
+crafted against its current state added to the adversarial class (the paper's "we iteratively
+train the detectors against the white-box attack and allow the white-box attack access to the
+new defense")."""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchattacks
+
+from defenses import attacks as attack_lib
+from defenses.attacks import Attack, frozen_eval
+from defenses.attacks.external import TorchAttacks
+from defenses.base import DefenseConfigError, Prediction
+from defenses.data import as_float
+from defenses.detection import GuardDetector, load_guarded_classifier, threshold_at_fpr
+from defenses.saliency import capture_activation
+from defenses.saliency_masking import MaskingModel, SaliencyLossWeights, train_masking_model
+
+log = logging.getLogger(__name__)
+
+DETECTORS = ("smd", "spd", "id", "jsd")
+TRAIN_ATTACKS = ("fgsm", "bim", "mim", "cw", "deepfool")
+TEST_ONLY_ATTACKS = ("jsma",)
+DEFAULT_STEPS = {"fgsm": 1, "bim": 10, "mim": 10, "cw": 30, "deepfool": 50, "jsma": 0}
+CHECKPOINT_FORMAT = "saliency_detector/1"
+MASK_TRAIN_MAX = 1000   # masking-model training images (CPU budget; the masks converge on fewer)
+
+
+@dataclasses.dataclass(frozen=True)
+class SaliencyDetectorParams:
+    detector: str = "spd"          # smd | spd | id | jsd
+    train_attack: str = "fgsm"     # fgsm | bim | mim | cw | deepfool
+    attack_steps: int = 0          # 0: the attack's default (bim/mim 10, cw 30, deepfool 50)
+    fpr: float = 0.05              # clean false-positive rate the threshold is set at
+    detector_lr: float = 1e-3      # Adam, as the paper trains every network
+    passes: int = 2                # passes over the detector's training set per epoch
+    adv_train: bool = False        # detector adversarial training against AlternatingWhiteBox
+    adv_train_samples: int = 300   # clean training images attacked per epoch for it
+    rounds: int = 5                # T of the alternating white-box attack
+    area_weight: float = 6.0       # saliency loss weights (defenses.saliency_masking)
+    smooth_weight: float = 0.0
+    preserve_weight: float = 1.0
+    destroy_weight: float = 2.0
+    destroy_power: float = 0.3
+    mask_epochs: int = 4
+    detector_checkpoint: str = ""  # a saved detector (save_detector) to use instead of training
+
+    @property
+    def loss_weights(self) -> SaliencyLossWeights:
+        return SaliencyLossWeights(area=self.area_weight, smooth=self.smooth_weight,
+                                   preserve=self.preserve_weight, destroy=self.destroy_weight,
+                                   destroy_power=self.destroy_power)
+
+    @property
+    def steps(self) -> int:
+        return self.attack_steps or DEFAULT_STEPS[self.train_attack]
+
+
+# --- attacks the detectors are trained and tested on ---------------------------------------
+
+def deepfool(model: Callable, x: torch.Tensor, y: torch.Tensor, steps: int = 50,
+             overshoot: float = 0.02) -> torch.Tensor:
+    """Batched DeepFool-L2 (Moosavi-Dezfooli et al. 2016): at each step move to the nearest
+    linearized class boundary, accumulate the steps in r and try x + (1+overshoot)·r (kept in
+    [0,1]); an image stops as soon as it is misclassified."""
+    x_adv, r_tot = x.clone(), torch.zeros_like(x)
+    active = torch.ones(len(y), dtype=torch.bool, device=x.device)
+    for _ in range(steps):
+        idx = active.nonzero().squeeze(1)
+        if len(idx) == 0:
+            break
+        xi = x_adv[idx].detach().requires_grad_(True)
+        logits = model(xi)
+        going = logits.argmax(1) == y[idx]
+        active[idx[~going]] = False
+        if not going.any():
+            break
+        k = logits.shape[1]
+        grads = torch.stack([torch.autograd.grad(logits[:, j].sum(), xi, retain_graph=j < k - 1)[0]
+                             for j in range(k)], 1)
+        with torch.no_grad():
+            rows = torch.arange(len(idx), device=x.device)
+            yi = y[idx]
+            f = logits - logits[rows, yi][:, None]
+            w = grads - grads[rows, yi][:, None]
+            wn = w.flatten(2).norm(dim=2) + 1e-8
+            ratio = f.abs() / wn
+            ratio[rows, yi] = math.inf
+            nearest = ratio.argmin(1)
+            step = ((ratio[rows, nearest] + 1e-4) / wn[rows, nearest]).view(-1, 1, 1, 1) * w[rows, nearest]
+            j = idx[going]
+            r_tot[j] += step[going]
+            x_adv[j] = (x[j] + (1 + overshoot) * r_tot[j]).clamp(0.0, 1.0)
+    return x_adv.detach()
+
+
+class NativeAttack:
+    """An attack run in its own norm (no projection onto the L∞ ε-ball), images kept in [0,1]:
+    C&W-L2, DeepFool, JSMA as the paper runs them. Same call as ``Attack``."""
+
+    def __init__(self, model: nn.Module, name: str, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        self.model, self.name, self.fn = model, name, fn
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with frozen_eval(self.model):
+            adv = self.fn(images, labels)
+        return adv.detach().clamp_(0.0, 1.0)
+
+
+def _torchattacks_native(model: nn.Module, name: str, attack: Any) -> NativeAttack:
+    attack.set_device(next(model.parameters()).device)
+    return NativeAttack(model, name, attack)
+
+
+def detection_attack(name: str, model: nn.Module, eps: float, steps: int = 0):
+    """The paper's attacks by name (``fgsm``, ``bim``, ``mim``, ``cw``, ``deepfool``,
+    ``jsma``); ``steps`` 0 = the default budget. Returns an ``attack(images, labels)``
+    callable with a ``name``."""
+    steps = steps or DEFAULT_STEPS.get(name, 0)
+    if name == "fgsm":
+        return attack_lib.make("fgsm", model, eps)
+    if name == "bim":
+        return TorchAttacks(model, eps, f"bim-{steps}",
+                            lambda m, e: torchattacks.BIM(m, eps=e, alpha=2.5 * e / steps, steps=steps))
+    if name == "mim":
+        return attack_lib.make(f"mim-{steps}", model, eps)
+    if name == "cw":
+        return _torchattacks_native(model, f"cw_l2-{steps}",
+                                    torchattacks.CW(model, c=10.0, kappa=0.0, steps=steps, lr=0.1))
+    if name == "deepfool":
+        return NativeAttack(model, f"deepfool_l2-{steps}",
+                            lambda x, y: deepfool(model, x, y, steps=steps))
+    if name == "jsma":
+        return _torchattacks_native(model, "jsma", torchattacks.JSMA(model, theta=1.0, gamma=0.1))
+    raise ValueError(f"unknown detection attack {name!r}; valid: "
+                     f"{', '.join(TRAIN_ATTACKS + TEST_ONLY_ATTACKS)}")
+
+
+class DeepFoolAttack(Attack):
+    """Our batched DeepFool as an ``Attack``: projected onto the ε-ball like every attack of
+    the threat model (``detection_attack("deepfool")`` is the unprojected one)."""
+
+    def __init__(self, model, eps, steps: int = 50):
+        super().__init__(model, eps)
+        self.steps = steps
+        self.name = f"deepfool_l2-{steps}"
+
+    def forward(self, images, labels):
+        return deepfool(self.model, images, labels, self.steps)
+
+
+def threat_attack(name: str, model: nn.Module, eps: float, steps: int = 0) -> Attack:
+    """The paper's attack ``name`` within the L∞ threat model (C&W and DeepFool projected onto
+    the ε-ball): what ``paper_attacks`` evaluates with."""
+    steps = steps or DEFAULT_STEPS.get(name, 0)
+    if name == "cw":
+        return TorchAttacks(model, eps, f"cw_l2-{steps}",
+                            lambda m, e: torchattacks.CW(m, c=10.0, kappa=0.0, steps=steps, lr=0.1))
+    if name == "deepfool":
+        return DeepFoolAttack(model, eps, steps)
+    if name in ("fgsm", "bim", "mim"):
+        return detection_attack(name, model, eps, steps)
+    raise ValueError(f"no threat-model version of attack {name!r}; valid: {', '.join(TRAIN_ATTACKS)}")
+
+
+def craft(attack: Callable, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
+    return torch.cat([attack(x[i:i + batch_size], y[i:i + batch_size])
+                      for i in range(0, len(y), batch_size)])
+
+
+# --- detector inputs and the detector network ----------------------------------------------
+
+def logit_gradient(model: nn.Module, x: torch.Tensor, classes: torch.Tensor,
+                   logits: torch.Tensor | None = None) -> torch.Tensor:
+    """∇_x z_c(x) per image. When x requires grad (an attack differentiating the detector),
+    the gradient keeps its graph (``create_graph``) and reuses ``logits`` if given."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        if logits is None:
+            logits = model(x)
+        grad, = torch.autograd.grad(logits.gather(1, classes[:, None]).sum(), x,
+                                    create_graph=True, retain_graph=True)
+        return grad
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        grad, = torch.autograd.grad(model(xg).gather(1, classes[:, None]).sum(), xg)
+    return grad
+
+
+def detector_input(kind: str, classifier: nn.Module, masker: MaskingModel | None,
+                   x: torch.Tensor, logits: torch.Tensor | None = None,
+                   act: torch.Tensor | None = None) -> torch.Tensor:
+    """What detector ``kind`` sees for images x (classes: f's prediction). ``logits`` and
+    ``act`` (the attention-layer output) may come from a classifier forward already run on x."""
+    if kind == "id":
+        return x
+    if logits is None:
+        with torch.no_grad():
+            logits = classifier(x)
+    classes = logits.argmax(1).detach()
+    if kind == "jsd":
+        return torch.cat([x, logit_gradient(classifier, x, classes, logits)], 1)
+    mask = masker(x, classes, act)
+    return mask if kind == "smd" else mask * x
+
+
+def input_channels(kind: str, image_channels: int) -> int:
+    return {"smd": 1, "spd": image_channels, "id": image_channels, "jsd": 2 * image_channels}[kind]
+
+
+class DetectorCNN(nn.Module):
+    """Small binary CNN: (N,C,H,W) detector input -> (N,) logit of "adversarial". Inputs are
+    standardized per channel with statistics of the clean training inputs (``fit_scaling``):
+    a Jacobian channel is orders of magnitude smaller than an image channel."""
+
+    def __init__(self, in_channels: int, height: int, width: int):
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(1, in_channels, 1, 1))
+        self.register_buffer("scale", torch.ones(1, in_channels, 1, 1))
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * (height // 4) * (width // 4), 64),
+                                  nn.ReLU(), nn.Linear(64, 1))
+
+    @torch.no_grad()
+    def fit_scaling(self, inputs: torch.Tensor) -> None:
+        self.shift.copy_(inputs.mean(dim=(0, 2, 3), keepdim=True))
+        self.scale.copy_(inputs.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-8))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features((inputs - self.shift) / self.scale)).squeeze(1)
+
+
+def detector_pass(net: DetectorCNN, opt: torch.optim.Optimizer, inputs: torch.Tensor,
+                  labels: torch.Tensor, batch_size: int, generator: torch.Generator) -> dict[str, float]:
+    """One epoch of binary cross-entropy over (inputs, labels ∈ {0,1}), both classes weighted
+    equally (the adversarial class re-weighted by n_clean / n_adv)."""
+    n_adv = float(labels.sum())
+    pos_weight = torch.tensor((len(labels) - n_adv) / max(n_adv, 1.0), device=inputs.device)
+    net.train()
+    total, correct = 0.0, 0
+    for idx in torch.randperm(len(labels), generator=generator).split(batch_size):
+        idx = idx.to(inputs.device)
+        out = net(inputs[idx])
+        loss = F.binary_cross_entropy_with_logits(out, labels[idx], pos_weight=pos_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(idx)
+        correct += int(((out > 0).float() == labels[idx]).sum())
+    net.eval()
+    return {"loss": total / max(len(labels), 1), "train_acc": correct / max(len(labels), 1)}
+
+
+def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
+    return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+# --- the white-box attack of the paper -----------------------------------------------------
+
+class AlternatingWhiteBox(Attack):
+    """§3.8: T rounds, each a signed step up the classifier's cross-entropy (Eq. 3) then a
+    signed step down the detector's score (Eq. 4), projected onto the ε-ball and [0,1].
+    ``joint(x) -> (logits, score)`` with the detector rejecting x iff score > 0 (the
+    convention of ``defenses.attacks.detector_aware``). Returned: among the iterates that fool
+    the classifier, the one with the lowest detector score (the last iterate if none does)."""
+
+    def __init__(self, joint: Callable, eps: float, rounds: int = 5, alpha: float | None = None):
+        super().__init__(joint, eps)
+        if rounds <= 0:
+            raise ValueError("AlternatingWhiteBox needs rounds ≥ 1")
+        self.rounds = rounds
+        self.alpha = alpha if alpha is not None else 2.5 * eps / (2 * rounds)
+        self.name = f"alt_whitebox-{rounds}"
+
+    def _step(self, x, images, labels, on_detector: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = x.detach().requires_grad_(True)
+        logits, score = self.model(x)
+        objective = -score.sum() if on_detector else F.cross_entropy(logits, labels, reduction="sum")
+        grad, = torch.autograd.grad(objective, x)
+        x_next = torch.min(torch.max(x + self.alpha * grad.sign(), images - self.eps), images + self.eps)
+        return x_next.clamp(0.0, 1.0).detach(), logits.detach(), score.detach()
+
+    def forward(self, images, labels):
+        x = images.clone()
+        best = images.clone()
+        best_score = torch.full((len(labels),), math.inf, device=images.device)
+        for step in range(2 * self.rounds + 1):
+            on_detector = step % 2 == 1
+            if step < 2 * self.rounds:
+                x_next, logits, score = self._step(x, images, labels, on_detector)
+            else:  # judge the last iterate too
+                with torch.no_grad():
+                    logits, score = self.model(x)
+                x_next = x
+            keep = (logits.argmax(1) != labels) & (score < best_score)
+            best[keep], best_score[keep] = x[keep], score[keep]
+            x = x_next
+        never = best_score == math.inf
+        best[never] = x[never]
+        return best
+
+
+class _Joint(nn.Module):
+    """``x -> (logits, score)`` for the adaptive attacks; the classifier is a submodule so the
+    attacks freeze it (the detector's networks never require grad outside ``train_epoch``)."""
+
+    def __init__(self, detector: "SaliencyDetector"):
+        super().__init__()
+        self.classifier = detector.model
+        self._detector = [detector]  # a list: not a submodule
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._detector[0].classify_and_score(x)
+
+
+# --- caching next to the base checkpoint ---------------------------------------------------
+
+def fingerprint(model: nn.Module) -> str:
+    """SHA-256 (16 hex) of a model's parameters and buffers: which classifier a detector,
+    a masking model or a cached adversarial set belongs to."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def tensor_digest(x: torch.Tensor) -> str:
+    return hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def cached(path: Path, build: Callable[[], dict[str, Any]], device: torch.device) -> dict[str, Any]:
+    """Load ``path`` or build and write it atomically; concurrent trials wait on a file lock
+    instead of building it twice."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            return torch.load(path, map_location=device, weights_only=True)
+        state = build()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        return state
+
+
+def _key(**parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# --- the defense ---------------------------------------------------------------------------
+
+class SaliencyDetector(GuardDetector):
+    """Guards a standard classifier with an SMD / SPD / ID / JSD detector (see the module
+    docstring). ``predict`` -> (the classifier's logits, detector logit > threshold)."""
+
+    name = "saliency_detector"
+    Params = SaliencyDetectorParams
+    calibration_size = 300   # clean training images kept for the threshold, never trained on
+    batch_size = 100
+
+    def __init__(self, model, params, threat):
+        super().__init__(model, params, threat)
+        self.masker: MaskingModel | None = None
+        self.net: DetectorCNN | None = None
+        self.opt: torch.optim.Optimizer | None = None
+        self.threshold: float | None = None
+        self.classifier_id = ""
+        self.meta: dict[str, Any] = {}
+        self.loaded = False
+        self._train_set: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._whitebox: list[torch.Tensor] = []
+
+    # --- configuration -------------------------------------------------------------------
+    @classmethod
+    def validate(cls, params):
+        p, where = params, "saliency_detector"
+        if p.detector not in DETECTORS:
+            raise DefenseConfigError(f"{where}: unknown detector {p.detector!r}; valid: {', '.join(DETECTORS)}")
+        if p.train_attack in TEST_ONLY_ATTACKS:
+            raise DefenseConfigError(f"{where}: train_attack {p.train_attack!r} is a test-only attack "
+                                     f"(too slow to build a training set); valid: {', '.join(TRAIN_ATTACKS)}")
+        if p.train_attack not in TRAIN_ATTACKS:
+            raise DefenseConfigError(f"{where}: unknown train_attack {p.train_attack!r}; valid: "
+                                     f"{', '.join(TRAIN_ATTACKS)}")
+        if not (isinstance(p.fpr, (int, float)) and 0.0 < p.fpr < 1.0):
+            raise DefenseConfigError(f"{where}: fpr={p.fpr!r} must lie strictly between 0 and 1")
+        ints = {"attack_steps": (p.attack_steps, 0), "passes": (p.passes, 1), "rounds": (p.rounds, 1),
+                "adv_train_samples": (p.adv_train_samples, 1), "mask_epochs": (p.mask_epochs, 1)}
+        for name, (v, lo) in ints.items():
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
+                raise DefenseConfigError(f"{where}: {name}={v!r} must be an integer ≥ {lo}")
+        if not (isinstance(p.detector_lr, (int, float)) and math.isfinite(p.detector_lr) and p.detector_lr > 0):
+            raise DefenseConfigError(f"{where}: detector_lr={p.detector_lr!r} must be a number > 0")
+        if not isinstance(p.adv_train, bool):
+            raise DefenseConfigError(f"{where}: adv_train={p.adv_train!r} must be true or false")
+        problem = p.loss_weights.check()
+        if problem:
+            raise DefenseConfigError(f"{where}: {problem}")
+        if p.detector_checkpoint:
+            cls._check_checkpoint_file(p)
+
+    @staticmethod
+    def _check_checkpoint_file(p: SaliencyDetectorParams) -> dict[str, Any]:
+        path = Path(p.detector_checkpoint)
+        where = f"saliency_detector: detector_checkpoint {str(path)!r}"
+        if not path.is_file():
+            raise DefenseConfigError(f"{where} does not exist")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the same config error
+            raise DefenseConfigError(f"{where} cannot be read: {type(e).__name__}") from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise DefenseConfigError(f"{where} is not a saliency detector checkpoint (save_detector)")
+        if state["detector"] != p.detector:
+            raise DefenseConfigError(f"{where} holds a {state['detector']!r} detector, not {p.detector!r}")
+        return state
+
+    # --- setup ---------------------------------------------------------------------------
+    def setup(self, data, base_checkpoint):
+        load_guarded_classifier(self.model, base_checkpoint, data, self.name)
+        self.model.requires_grad_(False)
+        device = next(self.model.parameters()).device
+        self.classifier_id = fingerprint(self.model)
+        base_meta = torch.load(base_checkpoint, map_location="cpu", weights_only=True)["meta"]
+        self.meta = {"dataset": data.name, "model": base_meta["model"], "fingerprint": self.classifier_id}
+        x = as_float(data.train_x, device)
+        y = data.train_y.to(device)
+        k = min(self.calibration_size, len(y) // 2)
+        self.calib_x = x[len(y) - k:]
+        self.train_x, self.train_y = x[:len(y) - k], y[:len(y) - k]
+        self.image_shape = tuple(x.shape[1:])
+        self.cache_dir = Path(base_checkpoint).parent
+        c, h, w = self.image_shape
+        self.net = DetectorCNN(input_channels(self.params.detector, c), h, w).to(device)
+        self.net.requires_grad_(False)  # trained only inside train_epoch; attacks never need it
+        if self.params.detector in ("smd", "spd"):
+            self.masker = MaskingModel(self.model, data.num_classes, self.image_shape).to(device)
+        if self.params.detector_checkpoint:
+            self._load_detector(self._check_checkpoint_file(self.params),
+                                f"detector_checkpoint {self.params.detector_checkpoint!r}")
+            return
+        if self.masker is not None:
+            self._fit_masker()
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=self.params.detector_lr)
+
+    def _fit_masker(self) -> None:
+        """Load the masking model trained for this classifier and these loss weights, or train
+        and cache it next to the base checkpoint (trials guarding the same classifier reuse it)."""
+        p, device = self.params, self.train_x.device
+        n = min(MASK_TRAIN_MAX, len(self.train_y))
+        x, y = self.train_x[:n], self.train_y[:n]
+        key = _key(classifier=self.classifier_id, data=tensor_digest(x), weights=dataclasses.asdict(p.loss_weights),
+                   epochs=p.mask_epochs, lr=5e-3, batch=50, width=32)
+
+        def build() -> dict[str, Any]:
+            torch.manual_seed(0)
+            fresh = MaskingModel(self.model, self.masker.selector.num_embeddings, self.image_shape).to(device)
+            history = train_masking_model(fresh, x, y, p.loss_weights, p.mask_epochs, batch_size=50, lr=5e-3)
+            log.info("saliency_detector: masking model trained, loss per epoch %s", history)
+            return {"masker": fresh.state_dict(), "history": history, "classifier": self.classifier_id}
+
+        state = cached(self.cache_dir / f"saliency_mask-{key}.pt", build, device)
+        self.masker.load_state_dict(state["masker"])
+        self.masker.eval().requires_grad_(False)
+        self.mask_history = list(state["history"])
+
+    # --- detector inputs and score --------------------------------------------------------
+    def inputs(self, x: torch.Tensor, logits: torch.Tensor | None = None,
+               act: torch.Tensor | None = None) -> torch.Tensor:
+        return detector_input(self.params.detector, self.model, self.masker, x, logits, act)
+
+    def raw_score(self, x: torch.Tensor, logits: torch.Tensor | None = None,
+                  act: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(self.inputs(x, logits, act))
+
+    def score(self, x, logits, act: torch.Tensor | None = None):
+        if self.threshold is None:
+            raise RuntimeError("saliency_detector: no threshold yet; it is set on the calibration "
+                               "split after each training epoch")
+        return self.raw_score(x, logits, act) - self.threshold
+
+    def classify_and_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, score) with ONE classifier forward: the masking model's encoder reuses the
+        attention-layer output of the classification (same graph, so attacks differentiate
+        both through it)."""
+        with capture_activation(self.model) as store:
+            logits = self.model(x)
+        return logits, self.score(x, logits, store["act"])
+
+    def predict(self, x):
+        logits, score = self.classify_and_score(x)
+        return Prediction(logits, score > 0)
+
+    def joint(self) -> nn.Module:
+        return _Joint(self)
+
+    def calibrate(self) -> dict[str, float]:
+        """Threshold = (1 − fpr) quantile of the detector logits of the calibration images."""
+        with frozen_eval(self.model), torch.no_grad():
+            scores = batched(self.raw_score, self.calib_x)
+        self.threshold = threshold_at_fpr(scores, self.params.fpr)
+        return {"threshold": self.threshold}
+
+    # --- training ------------------------------------------------------------------------
+    def _attack_training_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adversarial versions of the training images (cached next to the base checkpoint
+        per classifier, attack and ε) and which of them count as adversarial."""
+        p, device = self.params, self.train_x.device
+        key = _key(classifier=self.classifier_id, data=tensor_digest(self.train_x), attack=p.train_attack,
+                   steps=p.steps, eps=self.threat.eps)
+
+        def build() -> dict[str, Any]:
+            torch.manual_seed(0)
+            attack = detection_attack(p.train_attack, self.model, self.threat.eps, p.steps)
+            return {"adv": craft(attack, self.train_x, self.train_y)}
+
+        adv = cached(self.cache_dir / f"saliency_adv-{key}.pt", build, device)["adv"]
+        with torch.no_grad():
+            correct = batched(self.model, self.train_x).argmax(1) == self.train_y
+            fooled = correct & (batched(self.model, adv).argmax(1) != self.train_y)
+        return adv, fooled
+
+    def _build_train_set(self) -> None:
+        adv, fooled = self._attack_training_set()
+        with frozen_eval(self.model), torch.no_grad():
+            clean_in = batched(self.inputs, self.train_x)
+            adv_in = batched(self.inputs, adv[fooled])
+        self.net.fit_scaling(clean_in)
+        labels = torch.cat([torch.zeros(len(clean_in)), torch.ones(len(adv_in))]).to(clean_in.device)
+        self._train_set = (torch.cat([clean_in, adv_in]), labels)
+
+    def whitebox_attack(self, eps: float) -> AlternatingWhiteBox:
+        return AlternatingWhiteBox(self.joint(), eps, rounds=self.params.rounds)
+
+    def _whitebox_examples(self, epoch: int) -> torch.Tensor:
+        """Detector inputs of fresh white-box examples against the current detector (those
+        that fool the classifier), for detector adversarial training."""
+        if self.threshold is None:
+            self.calibrate()
+        g = torch.Generator().manual_seed(1000 + epoch)
+        idx = torch.randperm(len(self.train_y), generator=g)[:self.params.adv_train_samples]
+        idx = idx.to(self.train_x.device)
+        x, y = self.train_x[idx], self.train_y[idx]
+        adv = craft(self.whitebox_attack(self.threat.eps), x, y, self.batch_size)
+        with frozen_eval(self.model), torch.no_grad():
+            fooled = batched(self.model, adv).argmax(1) != y
+            return batched(self.inputs, adv[fooled])
+
+    def train_epoch(self, batches: Iterable, optimizer, epoch, scheduler=None):
+        """One epoch of the detector on its fixed training set [X, X_adv] (§3.7; the trial's
+        clean batches are not used: the set and its adversarial half are built once), plus,
+        with ``adv_train``, white-box examples crafted against the detector as it now is."""
+        if self.loaded:
+            self.stop_training = True  # a loaded detector is used as saved
+            return {}
+        if self._train_set is None:
+            self._build_train_set()
+        inputs, labels = self._train_set
+        if self.params.adv_train:
+            self._whitebox.append(self._whitebox_examples(epoch))
+            wb = torch.cat(self._whitebox)
+            inputs = torch.cat([inputs, wb])
+            labels = torch.cat([labels, torch.ones(len(wb), device=labels.device)])
+        g = torch.Generator().manual_seed(epoch)
+        self.net.requires_grad_(True)
+        for _ in range(self.params.passes):
+            metrics = detector_pass(self.net, self.opt, inputs, labels, self.batch_size, g)
+        self.net.requires_grad_(False)
+        metrics["n_adv_train"] = float(labels.sum())
+        if self.params.adv_train:
+            metrics["n_whitebox"] = float(sum(len(w) for w in self._whitebox))
+        return metrics
+
+    def end_epoch(self, epoch, holdout):
+        metrics = self.calibrate()
+        metrics.update(super().end_epoch(epoch, holdout))
+        return metrics
+
+    # --- attacks -------------------------------------------------------------------------
+    def adaptive_attacks(self, eps):
+        # the paper's alternating attack first: it is the cheapest (2T gradient steps), so the
+        # generic detector-aware attacks (extra-class C&W, orthogonal PGD) of
+        # ``GuardDetector`` only run on the inputs it leaves unbroken
+        return [self.whitebox_attack(eps)] + super().adaptive_attacks(eps)
+
+    def paper_attacks(self, eps):
+        """The paper's attacks (§3.2) inside the threat model, then its white-box attack."""
+        return [threat_attack(a, self.model, eps) for a in TRAIN_ATTACKS] + [self.whitebox_attack(eps)]
+
+    # --- state and export ----------------------------------------------------------------
+    def _detector_state(self) -> dict[str, Any]:
+        return {"format": CHECKPOINT_FORMAT, "detector": self.params.detector,
+                "classifier": dict(self.meta), "net": self.net.state_dict(),
+                "masker": self.masker.state_dict() if self.masker is not None else None,
+                "threshold": self.threshold, "fpr": self.params.fpr}
+
+    def save_detector(self, path: str | Path) -> None:
+        """Write the trained detector (with its masking model and threshold), atomically, for
+        ``detector_checkpoint``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        torch.save(self._detector_state(), tmp)
+        os.replace(tmp, path)
+
+    def _load_detector(self, state: dict[str, Any], source: str) -> None:
+        saved = state["classifier"]
+        if saved.get("fingerprint") != self.classifier_id:
+            raise DefenseConfigError(
+                f"saliency_detector: {source} was trained for classifier {saved.get('model')}/"
+                f"{saved.get('dataset')} #{saved.get('fingerprint')}, not this trial's "
+                f"{self.meta['model']}/{self.meta['dataset']} #{self.classifier_id}")
+        self.net.load_state_dict(state["net"])
+        if self.masker is not None:
+            self.masker.load_state_dict(state["masker"])
+            self.masker.eval().requires_grad_(False)
+        self.net.eval().requires_grad_(False)
+        self.threshold = None if state["threshold"] is None else float(state["threshold"])
+        self.loaded = True
+
+    def state_dict(self):
+        state = self._detector_state()
+        state["optimizer"] = self.opt.state_dict() if self.opt is not None else None
+        return state
+
+    def load_state_dict(self, state):
+        if not state:
+            return
+        self._load_detector(state, "the resumed trial's checkpoint")
+        self.loaded = False  # resuming a trial: training goes on
+        if self.opt is not None and state.get("optimizer") is not None:
+            self.opt.load_state_dict(state["optimizer"])
