@@ -1,0 +1,176 @@
+"""B1: one PGD-K adversarial-training step over one clean step, next to its floor.
+
+Floor = clean step + K × attack pass, where an attack pass is one forward and one backward to
+the input with the parameters frozen (eval mode): what PGD-K cannot avoid. Measured on
+mnist5k / small_cnn, batch 128, for the default memory format and channels-last, through the
+real training code (``PGDAT.train_epoch`` on one batch), plus the straightforward version
+(torchattacks PGD inside a plain loop) as the baseline of target (b)."""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import fmt_ratio, interleave, load_line, ratio, section, stats, table
+from defenses import data as data_lib
+from defenses import models
+from defenses.attacks.base import frozen_eval
+from defenses.attacks.pgd import ce_loss, pgd
+from defenses.base import ThreatModel
+from defenses.pgd_at import PGDAT, PGDATParams
+
+log = logging.getLogger(__name__)
+EPS = 0.3
+SETTINGS = {  # batch, K values, rounds, images for the accuracy check (0: skipped)
+    "tiny": dict(batch=16, ks=(2,), reps=1, acc_train=0),
+    "quick": dict(batch=128, ks=(7, 10), reps=3, acc_train=0),
+    "full": dict(batch=128, ks=(7, 10), reps=7, acc_train=2000),
+}
+
+
+class Rig:
+    """One model, optimizer and batch in one memory format; each method is one timed unit."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, channels_last: bool, seed: int = 0):
+        torch.manual_seed(seed)
+        model = models.build("small_cnn", 10, 1)
+        model(x[:2])  # materialize the lazy layer before the format change and the optimizer
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(memory_format=fmt)
+        self.x, self.y = x.contiguous(memory_format=fmt), y
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+
+    def clean_step(self) -> None:
+        self.model.train()
+        loss = F.cross_entropy(self.model(self.x), self.y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+    def attack_pass(self) -> None:
+        with frozen_eval(self.model):
+            delta = torch.zeros_like(self.x).requires_grad_(True)
+            torch.autograd.grad(ce_loss(self.model(self.x + delta), self.y), delta)
+
+    def pgd_step(self, k: int) -> None:
+        defense = PGDAT(self.model, PGDATParams(), ThreatModel(eps=EPS, train_steps=k))
+        defense.train_epoch([(self.x, self.y)], self.opt, 1)
+
+    def torchattacks_step(self, k: int) -> None:
+        """The straightforward loop: torchattacks PGD, then CE on its output."""
+        import torchattacks
+
+        atk = torchattacks.PGD(self.model, eps=EPS, alpha=2.5 * EPS / k, steps=k, random_start=True)
+        self.model.train()
+        adv = atk(self.x, self.y)
+        loss = F.cross_entropy(self.model(adv), self.y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+
+def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    d = data_lib.load("mnist5k")
+    return data_lib.as_float(d.train_x[:n]), d.train_y[:n]
+
+
+def step_table(cfg: dict) -> str:
+    x, y = batch(cfg["batch"])
+    rigs = {"default": Rig(x, y, False), "channels-last": Rig(x, y, True)}
+    k_ref = cfg["ks"][0]
+    variants = {}
+    for fmt, rig in rigs.items():
+        variants[f"clean/{fmt}"] = rig.clean_step
+        variants[f"pass/{fmt}"] = rig.attack_pass
+        for k in cfg["ks"]:
+            variants[f"pgd{k}/{fmt}"] = (lambda r=rig, k=k: r.pgd_step(k))
+    variants[f"ta{k_ref}/default"] = lambda: rigs["default"].torchattacks_step(k_ref)
+    warm = [n for n in variants if n.startswith(("clean", "pass"))]
+    t = interleave(variants, cfg["reps"], warmup=warm)
+    rows = []
+    for fmt in rigs:
+        clean, pas = stats(t[f"clean/{fmt}"]), stats(t[f"pass/{fmt}"])
+        rows.append([fmt, "clean step", clean.fmt("ms", 1e3), "1.00×", "", ""])
+        rows.append([fmt, "attack pass", pas.fmt("ms", 1e3), fmt_ratio(ratio(t[f"pass/{fmt}"], t[f"clean/{fmt}"])), "", ""])
+        for k in cfg["ks"]:
+            floor = [c + k * p for c, p in zip(t[f"clean/{fmt}"], t[f"pass/{fmt}"])]
+            step = t[f"pgd{k}/{fmt}"]
+            vs_default = fmt_ratio(ratio(t[f"pgd{k}/default"], step)) if fmt != "default" else ""
+            rows.append([fmt, f"PGD-{k} step (ours)", stats(step).fmt("ms", 1e3),
+                         fmt_ratio(ratio(step, t[f"clean/{fmt}"])),
+                         f"{fmt_ratio(ratio(floor, t[f'clean/{fmt}']))}; step/floor "
+                         f"{fmt_ratio(ratio(step, floor))}", vs_default])
+    ta = t[f"ta{k_ref}/default"]
+    rows.append(["default", f"PGD-{k_ref} step, torchattacks loop", stats(ta).fmt("ms", 1e3),
+                 fmt_ratio(ratio(ta, t["clean/default"])), "",
+                 f"ours channels-last is {fmt_ratio(ratio(ta, t[f'pgd{k_ref}/channels-last']))} faster"])
+    head = ["memory format", "what", "time: median (min–max, rounds)", "× clean step",
+            "floor (× clean); step / floor", "speed-up"]
+    return table(head, rows)
+
+
+def profile_table(cfg: dict, top: int = 10) -> str:
+    """Where a PGD-K step's CPU time goes (default format), by self time per op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, y = batch(cfg["batch"])
+    rig = Rig(x, y, False)
+    k = cfg["ks"][0]
+    rig.pgd_step(k)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        rig.pgd_step(k)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: -e.self_cpu_time_total)
+    rows = [[e.key, e.count, f"{e.self_cpu_time_total / 1e3:.1f}",
+             f"{100 * e.self_cpu_time_total / total:.1f} %"] for e in events[:top]]
+    return (f"Profile of one PGD-{k} step (default format, torch.profiler, self CPU time):\n\n"
+            + table(["op", "calls", "self ms", "share"], rows))
+
+
+def accuracy_table(cfg: dict) -> str:
+    """Target (b) at equal robust accuracy: one epoch of the straightforward loop vs ours with
+    channels-last from the same initialization and batches, then the same PGD-20 evaluation."""
+    import time
+
+    d = data_lib.load("mnist5k")
+    n, b, k = cfg["acc_train"], cfg["batch"], cfg["ks"][0]
+    xs, ys = data_lib.as_float(d.train_x[:n]), d.train_y[:n]
+    xt, yt = data_lib.as_float(d.test_x[:500]), d.test_y[:500]
+    rows, seconds_of = [], []
+    for name, channels_last, step in (("torchattacks loop", False, "torchattacks_step"),
+                                      ("ours, channels-last", True, "pgd_step")):
+        rig = Rig(xs[:b], ys[:b], channels_last)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        torch.manual_seed(1)
+        t0 = time.perf_counter()
+        for i in range(0, n, b):
+            rig.x, rig.y = xs[i:i + b].contiguous(memory_format=fmt), ys[i:i + b]
+            getattr(rig, step)(k)
+        seconds = time.perf_counter() - t0
+        seconds_of.append(seconds)
+        rig.model.eval()
+        with torch.no_grad():
+            clean = (rig.model(xt).argmax(1) == yt).float().mean().item()
+        adv = pgd(rig.model, xt, yt, EPS, 2.5 * EPS / 20, 20, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            robust = (rig.model(adv).argmax(1) == yt).float().mean().item()
+        rows.append([name, f"{seconds:.1f}", f"{100 * clean:.1f}", f"{100 * robust:.1f}"])
+    speed = seconds_of[0] / seconds_of[1]
+    return (f"One PGD-{k} training epoch ({n} images, batch {b}), evaluated on 500 test images "
+            f"with our PGD-20 (ε={EPS}); epochs run one after the other, not interleaved:\n\n"
+            + table(["training", "epoch s", "clean %", "PGD-20 robust %"], rows)
+            + f"\n\nEpoch speed-up of ours over the straightforward loop: {speed:.2f}×.")
+
+
+def run(mode: str) -> str:
+    cfg = SETTINGS[mode]
+    started = load_line()
+    torch.set_num_threads(1)
+    parts = [step_table(cfg), profile_table(cfg)]
+    if cfg["acc_train"]:
+        parts.append(accuracy_table(cfg))
+    return section(f"B1 adversarial-training step (small_cnn, batch {cfg['batch']}, mode {mode})",
+                   f"nice -n 10 python bench/run.py --only b1{'' if mode == 'full' else ' --' + mode}",
+                   "\n\n".join(parts), started)

@@ -1,0 +1,43 @@
+"""The benchmark harness runs end to end in its tiny mode and writes ratio tables (not a timed
+test: the numbers of the tiny mode mean nothing, only that they are produced and recorded)."""
+from __future__ import annotations
+
+import re
+
+from bench import run as bench_run
+
+RATIO = re.compile(r"\d+\.\d\d× \(\d+\.\d\d–\d+\.\d\d\)")
+
+
+def test_tiny_b1_b5_print_ratios_and_rewrite_markdown(tmp_path, capsys):
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\nhand-written text\n")
+    assert bench_run.main(["--tiny", "--only", "b1,b5", "--md", str(md)]) == 0
+    out = capsys.readouterr().out
+    assert RATIO.search(out), out
+    assert "step / floor" in out and "load average" in out
+    text = md.read_text()
+    assert "hand-written text" in text
+    for key in ("b1", "b5"):
+        assert text.count(f"<!-- bench:{key} -->") == 1 and text.count(f"<!-- /bench:{key} -->") == 1
+    assert RATIO.search(text)
+
+
+def test_rewrite_replaces_a_block_in_place(tmp_path):
+    md = tmp_path / "B.md"
+    md.write_text("head\n\n<!-- bench:b5 -->\nold\n<!-- /bench:b5 -->\n\ntail\n")
+    bench_run.rewrite(md, "b5", "new table")
+    bench_run.rewrite(md, "b3", "appended")
+    text = md.read_text()
+    assert "old" not in text and "new table" in text
+    assert text.index("head") < text.index("new table") < text.index("tail") < text.index("appended")
+    assert text.count("<!-- bench:b5 -->") == 1
+
+
+def test_unknown_benchmark_is_refused(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        bench_run.main(["--only", "b9", "--no-write"])
+    assert e.value.code == 2
+    assert "unknown benchmark 'b9'" in capsys.readouterr().err
