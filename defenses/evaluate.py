@@ -1,25 +1,277 @@
-"""``benchmark(...)``: clean and worst-case robust accuracy of a defense (RobustBench style).
+"""Evaluation you can trust: clean and worst-case robust accuracy of a defense (RobustBench
+style), attack presets, robustness curves over ε and gradient-masking indicators.
 
-Attacks run as a cascade (AutoAttack style): each attack only sees the points every earlier
-attack failed to break, so an example counts as robust only if it survives every attack in the
-list, and strong attacks late in the list cost little. ``acc[attack]`` is the robust accuracy
-after that attack and all before it. For detectors, a rejected clean input is an error and a
-rejected adversarial input is defended."""
+Two entry points, one library:
+
+- ``benchmark(defense, x, y, eps, attacks, batch_size=256, adaptive=True) -> EvalResult``: one
+  ε. ``attacks`` mixes attack names (``defenses.attacks`` plus AutoAttack's components below),
+  preset names and built ``Attack`` objects. With ``adaptive`` the defense's own
+  ``adaptive_attacks(eps)`` are appended.
+- ``evaluate(defense, (x, y), spec) -> Report``: the issue's ``benchmark(defense, model, data,
+  threat_model)``. The model is the defense's own (a defense owns its model, and attacks must
+  see ``defense.predictor()``, not a bare network), so it is not a separate argument; ``spec``
+  (``EvalSpec``) is the threat model as the evaluation sees it: the ε list (primary first),
+  attacks/presets, norm and the gradient-masking checks. It runs ``benchmark`` once per ε
+  and then ``defenses.masking.check``. The sweep's trials, the sweep's final re-evaluation
+  and ``python -m orchestrator.evaluate`` all call it.
+
+Cascade (AutoAttack style): each attack only sees the points every earlier attack failed to
+break, so an example counts as robust only if it survives every attack of the list, and strong
+attacks late in the list cost little. ``acc[attack]`` is the robust accuracy after that
+attack and all before it. For detectors, a rejected clean input is an error and a rejected
+adversarial input is defended.
+
+Presets (``PRESETS``):
+
+- ``fast``: FGSM + PGD-20, the cheap pair a sweep evaluates every trial with.
+- ``standard``: AutoAttack "standard" (Croce & Hein 2020): APGD-CE (100 steps), APGD-T (100
+  steps, 9 target classes), FAB-T (100 steps, 9 targets), Square (5000 queries), all from
+  torchattacks with one restart each. torchattacks' own ``AutoAttack`` (the ``autoattack``
+  attack) runs 10 steps per component; this preset runs the paper's 100. Reduced budgets are
+  spelled out by name: ``apgd_t-50x3`` is APGD-T with 50 steps and 3 target classes.
+- ``adaptive``: the defense's ``adaptive_attacks(eps)`` (BPDA and full differentiation through
+  saliency steps, EOT, detector-aware attacks, transfer from a base model). A defense without
+  any is a plain differentiable classifier, whose adaptive attack is strong white-box PGD on
+  it: ``pgd-40`` + ``pgd_cw-40``.
+- ``paper``: the defense's own published attack settings, read from the optional hook
+  ``paper_attacks``: a method ``paper_attacks(self, eps) -> list[str | Attack]`` or a class
+  attribute holding attack names. Without it the preset falls back to ``fast`` (logged).
+"""
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import re
 import time
-from typing import Sequence
+from fractions import Fraction
+from typing import Any, Callable, Sequence, Union
 
 import torch
+import torchattacks
 
 from defenses import attacks as attack_lib
-from defenses.attacks import check_images, frozen_eval
+from defenses import masking as masking_lib
+from defenses.attacks import Attack, check_images, frozen_eval
+from defenses.attacks.external import TorchAttacks, _num_classes
 from defenses.base import Defense
 
 log = logging.getLogger(__name__)
 
+AttackSpec = Union[str, Attack]
+
+FAST = ("fgsm", "pgd-20")
+STANDARD = ("apgd_ce-100", "apgd_t-100", "fab_t-100", "square-5000")
+ADAPTIVE_FALLBACK = ("pgd-40", "pgd_cw-40")
+PRESETS = ("fast", "standard", "adaptive", "paper")
+PAPER_HOOK = "paper_attacks"
+
+NORMS = ("Linf", "L2")  # threat models a user may name
+# Every attack of the library runs in L∞: ``Attack.__call__`` projects onto the L∞ ball, so
+# even the L2 attacks (C&W, DeepFool) only count within an L∞ ε. No attack supports L2.
+SUPPORTED_NORMS = ("Linf",)
+
+# Robustness-curve ε (the issue's defaults) and the "large ε" of the unbounded-attack check.
+DEFAULT_EVAL_EPS = {"mnist5k": (0.1, 0.2, 0.3),
+                    "cifar10": (2 / 255, 4 / 255, 8 / 255),
+                    "cifar100": (2 / 255, 4 / 255, 8 / 255)}
+LARGE_EPS = {"mnist5k": 0.5, "cifar10": 64 / 255, "cifar100": 64 / 255}
+
+
+class EvalConfigError(ValueError):
+    """An attack, preset, ε or threat model the evaluation cannot run; one line saying why."""
+
+
+# ---------------------------------------------------------------- AutoAttack's components
+
+def _aa_targets(model: Callable, targets: int | None) -> int:
+    # torchattacks attacks the top ``n_classes - 1`` other classes; AutoAttack uses all 9
+    return targets if targets is not None else _num_classes(model) - 1
+
+
+def _apgd(loss: str):
+    def factory(model, eps, n=None, targets=None):
+        steps = n or 100
+        return TorchAttacks(model, eps, f"apgd_{loss}-{steps}",
+                            lambda m, e: torchattacks.APGD(m, norm="Linf", eps=e, steps=steps,
+                                                           n_restarts=1, loss=loss, seed=0))
+    return factory
+
+
+def _apgd_t(model, eps, n=None, targets=None):
+    steps, k = n or 100, _aa_targets(model, targets)
+    name = f"apgd_t-{steps}" + (f"x{targets}" if targets is not None else "")
+    return TorchAttacks(model, eps, name,
+                        lambda m, e: torchattacks.APGDT(m, norm="Linf", eps=e, steps=steps,
+                                                        n_restarts=1, n_classes=k + 1, seed=0))
+
+
+def _fab_t(model, eps, n=None, targets=None):
+    steps, k = n or 100, _aa_targets(model, targets)
+    name = f"fab_t-{steps}" + (f"x{targets}" if targets is not None else "")
+    return TorchAttacks(model, eps, name,
+                        lambda m, e: torchattacks.FAB(m, norm="Linf", eps=e, steps=steps,
+                                                      n_restarts=1, multi_targeted=True,
+                                                      n_classes=k + 1, seed=0))
+
+
+AUTOATTACK_FACTORIES: dict[str, Callable[..., Attack]] = {
+    "apgd_ce": _apgd("ce"), "apgd_dlr": _apgd("dlr"), "apgd_t": _apgd_t, "fab_t": _fab_t}
+TARGETED = ("apgd_t", "fab_t")  # the kinds that take an ``xK`` target count
+
+
+# ---------------------------------------------------------------- names, presets, ε
+
+def attack_kinds() -> list[str]:
+    return attack_lib.names() + list(AUTOATTACK_FACTORIES)
+
+
+def _valid_list() -> str:
+    return (f"valid attacks: {', '.join(attack_kinds())} (optionally with a budget, e.g. pgd-40, "
+            f"apgd_t-50x3); valid presets: {', '.join(PRESETS)}")
+
+
+def parse_attack(name: str) -> tuple[str, int | None, int | None]:
+    """``"apgd_t-50x3"`` -> ``("apgd_t", 50, 3)``; presets are not attacks (see ``check_attacks``)."""
+    m = re.fullmatch(r"([a-z_]+)(?:-(\d+)(?:x(\d+))?)?", str(name).strip().lower())
+    if m and m.group(1) in AUTOATTACK_FACTORIES:
+        n = int(m.group(2)) if m.group(2) else None
+        k = int(m.group(3)) if m.group(3) else None
+        if (n is not None and n <= 0) or (k is not None and k <= 0):
+            raise EvalConfigError(f"attack {name!r}: steps and target counts must be positive")
+        if k is not None and m.group(1) not in TARGETED:
+            raise EvalConfigError(f"attack {name!r}: only {', '.join(TARGETED)} take a target count")
+        return m.group(1), n, k
+    if m and m.group(3) is None:
+        try:
+            kind, n = attack_lib.parse(name)
+            return kind, n, None
+        except attack_lib.AttackNameError as e:
+            if "budget" in str(e) and m.group(1) in attack_lib.names():
+                raise EvalConfigError(str(e)) from None
+    raise EvalConfigError(f"unknown attack or preset {name!r}; {_valid_list()}")
+
+
+def check_attacks(names: Sequence[AttackSpec], norm: str = "Linf") -> None:
+    """EvalConfigError for the first unknown attack/preset or an unsupported threat model."""
+    if norm not in NORMS:
+        raise EvalConfigError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
+    if not names:
+        raise EvalConfigError(f"no attacks given; {_valid_list()}")
+    for name in names:
+        if isinstance(name, Attack):
+            continue
+        what = f"preset {name!r}" if name in PRESETS else f"attack {parse_attack(name)[0]!r}"
+        if norm not in SUPPORTED_NORMS:
+            raise EvalConfigError(f"{what} does not support the {norm} threat model; "
+                                  f"it supports: {', '.join(SUPPORTED_NORMS)}")
+
+
+def check_eps(eps: float, what: str = "eps") -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or math.isnan(eps) \
+            or not 0.0 <= eps <= 1.0:
+        raise EvalConfigError(f"{what}={eps!r} outside [0,1]: ε is in input units, e.g. 8/255 or 0.3")
+    return float(eps)
+
+
+def eps_label(eps: float) -> str:
+    """Column-name spelling of ε: ``0.3``, ``0.5`` for round decimals, ``8/255`` for CIFAR's
+    pixel steps, else 4 significant digits."""
+    if abs(eps - round(eps, 3)) < 1e-9:
+        return f"{round(eps, 3):g}"
+    k = eps * 255
+    if abs(k - round(k)) < 1e-6:
+        return f"{round(k)}/255"
+    return f"{eps:.4g}"
+
+
+def parse_eps(text: str) -> float:
+    """Inverse of ``eps_label`` (and any float or a/b fraction): ``"8/255"`` -> 0.0313…"""
+    try:
+        value = float(Fraction(text.strip())) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise EvalConfigError(f"eps {text!r} is not a number (write 0.3 or 8/255)") from None
+    return check_eps(value)
+
+
+def default_eval_eps(dataset: str, primary: float) -> tuple[float, ...]:
+    """The robustness-curve ε of ``dataset``, primary first (it is added when missing)."""
+    rest = [e for e in DEFAULT_EVAL_EPS.get(dataset, ()) if not math.isclose(e, primary)]
+    return (primary, *sorted(rest))
+
+
+def large_eps(dataset: str, eps: Sequence[float]) -> float:
+    """ε at which an unbounded attack must win (MNIST 0.5, CIFAR 64/255; else 8·max ε)."""
+    return LARGE_EPS.get(dataset, min(1.0, 8 * max(eps)))
+
+
+# ---------------------------------------------------------------- building attacks
+
+def make_attack(name: str, model: Callable, eps: float) -> Attack:
+    kind, n, k = parse_attack(name)
+    if kind in AUTOATTACK_FACTORIES:
+        return AUTOATTACK_FACTORIES[kind](model, eps, n, k)
+    return attack_lib.make(name, model, eps)
+
+
+def paper_attacks(defense: Defense, eps: float) -> list[AttackSpec] | None:
+    """The defense's ``paper_attacks`` hook (method or class attribute), or None."""
+    hook = getattr(defense, PAPER_HOOK, None)
+    if hook is None:
+        return None
+    specs = list(hook(eps) if callable(hook) else hook)
+    if any(s in ("paper",) for s in specs if isinstance(s, str)):
+        raise EvalConfigError(f"{defense.name}.{PAPER_HOOK} may not name the 'paper' preset itself")
+    return specs
+
+
+def _preset(name: str, defense: Defense, eps: float) -> list[AttackSpec]:
+    if name == "fast":
+        return list(FAST)
+    if name == "standard":
+        return list(STANDARD)
+    if name == "adaptive":
+        own = defense.adaptive_attacks(eps)
+        return own if own else list(ADAPTIVE_FALLBACK)
+    specs = paper_attacks(defense, eps)
+    if specs is None:
+        log.info("%s has no %s hook: the 'paper' preset falls back to 'fast'",
+                 getattr(defense, "name", type(defense).__name__), PAPER_HOOK)
+        return list(FAST)
+    return specs
+
+
+def build_attacks(specs: Sequence[AttackSpec], defense: Defense, eps: float,
+                  adaptive: bool = True) -> list[Attack]:
+    """The cascade at ``eps``: presets expanded, names built against ``defense.predictor()``,
+    then (``adaptive``) the defense's own adaptive attacks; one attack per name, first kept."""
+    predictor = defense.predictor()
+    out: list[Attack] = []
+
+    def add(spec: AttackSpec, depth: int = 0) -> None:
+        if isinstance(spec, Attack):
+            if not math.isclose(spec.eps, eps):
+                raise EvalConfigError(f"attack {spec.name!r} was built for ε={spec.eps:g}, not {eps:g}")
+            out.append(spec)
+        elif spec in PRESETS:
+            if depth > 0 and spec == "paper":
+                raise EvalConfigError(f"{PAPER_HOOK} may not name the 'paper' preset itself")
+            for s in _preset(spec, defense, eps):
+                add(s, depth + 1)
+        else:
+            out.append(make_attack(spec, predictor, eps))
+
+    for spec in specs:
+        add(spec)
+    if adaptive:
+        out += defense.adaptive_attacks(eps)
+    unique: dict[str, Attack] = {}
+    for attack in out:
+        unique.setdefault(attack.name, attack)
+    return list(unique.values())
+
+
+# ---------------------------------------------------------------- one ε
 
 @dataclasses.dataclass
 class EvalResult:
@@ -31,9 +283,13 @@ class EvalResult:
     clean_rejected: float            # fraction of clean inputs a detector rejected
     n: int
     seconds: float
+    eps: float = math.nan
+    robust_mask: torch.Tensor | None = None  # bool per input: survived every attack (CPU)
 
 
-def _predict(defense: Defense, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_labels(defense: Defense, x: torch.Tensor, batch_size: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax of ``defense.predict``, rejected) for every input, under no_grad."""
     preds, rejected = [], []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
@@ -43,40 +299,140 @@ def _predict(defense: Defense, x: torch.Tensor, batch_size: int) -> tuple[torch.
     return torch.cat(preds), torch.cat(rejected)
 
 
+_predict = predict_labels  # the name earlier callers used
+
+
 def benchmark(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float,
-              attacks: Sequence[str], batch_size: int = 256, adaptive: bool = True) -> EvalResult:
-    """Evaluate ``defense`` on (x, y) against ``attacks`` (names, see ``defenses.attacks``)
-    at L∞ radius ``eps``, then (``adaptive``) against the defense's own adaptive attacks.
+              attacks: Sequence[AttackSpec], batch_size: int = 256, adaptive: bool = True,
+              *, norm: str = "Linf") -> EvalResult:
+    """Evaluate ``defense`` on (x, y) against ``attacks`` (names, presets or ``Attack``s) at
+    L∞ radius ``eps``, then (``adaptive``) against the defense's own adaptive attacks.
     The model is in eval mode throughout and its mode restored after."""
     check_images(x, "evaluation images")
-    if not 0.0 <= eps <= 1.0:
-        raise ValueError(f"eps={eps} outside [0,1]: ε is in input units, e.g. 8/255 or 0.3")
+    check_eps(eps)
+    check_attacks(list(attacks), norm)
     start = time.perf_counter()
-    predictor = defense.predictor()
-    built = [attack_lib.make(a, predictor, eps) for a in attacks]  # fail on bad names first
-    if adaptive:
-        built += defense.adaptive_attacks(eps)
+    built = build_attacks(attacks, defense, eps, adaptive)  # fail on bad names first
     with frozen_eval(defense.model):
-        pred, rejected = _predict(defense, x, batch_size)
+        pred, rejected = predict_labels(defense, x, batch_size)
         robust = (pred == y) & ~rejected
         clean_acc = robust.float().mean().item()
         acc: dict[str, float] = {}
         broken_by: dict[str, int] = {}
         for attack in built:
-            idx = robust.nonzero().squeeze(1)
-            broken = 0
-            for i in range(0, len(idx), batch_size):
-                j = idx[i:i + batch_size]
-                adv = attack(x[j], y[j])
-                adv_pred, adv_rej = _predict(defense, adv, batch_size)
-                fooled = (adv_pred != y[j]) & ~adv_rej
-                robust[j[fooled]] = False
-                broken += int(fooled.sum())
+            broken_by[attack.name] = _run_attack(defense, attack, x, y, robust, batch_size)
             acc[attack.name] = robust.float().mean().item()
-            broken_by[attack.name] = broken
-            log.debug("after %s: robust %.4f", attack.name, acc[attack.name])
+            log.debug("after %s at ε=%g: robust %.4f", attack.name, eps, acc[attack.name])
     return EvalResult(
         clean_acc=clean_acc, robust_acc=robust.float().mean().item(),
         robust_attack="+".join(a.name for a in built), acc=acc, broken_by=broken_by,
         clean_rejected=rejected.float().mean().item(), n=len(y),
-        seconds=time.perf_counter() - start)
+        seconds=time.perf_counter() - start, eps=float(eps), robust_mask=robust.cpu())
+
+
+def _run_attack(defense: Defense, attack: Attack, x: torch.Tensor, y: torch.Tensor,
+                robust: torch.Tensor, batch_size: int) -> int:
+    """Attack the still-robust points; mark the fooled ones in ``robust``; count them."""
+    idx = robust.nonzero().squeeze(1)
+    broken = 0
+    for i in range(0, len(idx), batch_size):
+        j = idx[i:i + batch_size]
+        adv = attack(x[j], y[j])
+        adv_pred, adv_rej = predict_labels(defense, adv, batch_size)
+        fooled = (adv_pred != y[j]) & ~adv_rej
+        robust[j[fooled]] = False
+        broken += int(fooled.sum())
+    return broken
+
+
+# ---------------------------------------------------------------- several ε + masking checks
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """The threat model of an evaluation. ``eps[0]`` is the primary ε (the ``robust_acc`` of a
+    trial); the others give the robustness curve. ``curve_samples`` evaluates the other ε on
+    the first N points only (None: all). ``masking=None`` skips the gradient-masking checks."""
+
+    eps: tuple[float, ...]
+    attacks: tuple[AttackSpec, ...] = ("fast",)
+    norm: str = "Linf"
+    adaptive: bool = True
+    curve_samples: int | None = None
+    masking: masking_lib.MaskingConfig | None = masking_lib.MaskingConfig()
+    batch_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.eps:
+            raise EvalConfigError("eps: give at least one ε")
+        for e in self.eps:
+            check_eps(e)
+        check_attacks(list(self.attacks), self.norm)
+        if self.curve_samples is not None and self.curve_samples <= 0:
+            raise EvalConfigError(f"curve_samples={self.curve_samples} must be positive (or None: all)")
+
+    @classmethod
+    def for_dataset(cls, dataset: str, eps: float, eval_eps: Sequence[float] | None = None,
+                    masking_samples: int = masking_lib.MaskingConfig.samples,
+                    **kwargs: Any) -> "EvalSpec":
+        """Primary ``eps`` plus ``eval_eps`` (default: the dataset's curve), with the masking
+        checks' large ε set for the dataset; ``masking_samples=0`` turns the checks off."""
+        check_eps(eps)
+        if eval_eps is None:
+            all_eps = default_eval_eps(dataset, eps)
+        else:
+            all_eps = (eps, *sorted(e for e in map(check_eps, eval_eps) if not math.isclose(e, eps)))
+        masking = None
+        if masking_samples:
+            masking = masking_lib.MaskingConfig(samples=masking_samples,
+                                                large_eps=large_eps(dataset, all_eps))
+        return cls(eps=tuple(all_eps), masking=masking, **kwargs)
+
+
+@dataclasses.dataclass
+class Report:
+    results: dict[float, EvalResult]     # per ε, primary first
+    flags: dict[str, bool]               # gradient-masking indicators (``flag.<name>``)
+    evidence: dict[str, float]           # the numbers behind the flags
+    seconds: float
+
+    @property
+    def primary(self) -> EvalResult:
+        return next(iter(self.results.values()))
+
+    def curve_columns(self) -> dict[str, float]:
+        """``robust_acc@<ε>`` and ``acc.<attack>@<ε>`` for every ε (the primary one too)."""
+        out: dict[str, float] = {}
+        for eps, r in self.results.items():
+            label = eps_label(eps)
+            out[f"robust_acc@{label}"] = r.robust_acc
+            out.update({f"acc.{a}@{label}": v for a, v in r.acc.items()})
+        return out
+
+
+def evaluate(defense: Defense, data: tuple[torch.Tensor, torch.Tensor], spec: EvalSpec) -> Report:
+    """Every ε of ``spec`` (same seed for each, so curves compare like with like), then the
+    gradient-masking checks of ``defenses.masking`` on their bounded subset."""
+    x, y = data
+    start = time.perf_counter()
+    results: dict[float, EvalResult] = {}
+    for i, eps in enumerate(spec.eps):
+        n = len(y) if i == 0 or spec.curve_samples is None else min(spec.curve_samples, len(y))
+        torch.manual_seed(spec.seed)  # the attacks' random starts
+        results[eps] = benchmark(defense, x[:n], y[:n], eps, spec.attacks, spec.batch_size,
+                                 spec.adaptive, norm=spec.norm)
+        log.info("ε=%s: clean %.4f robust %.4f (%s)", eps_label(eps), results[eps].clean_acc,
+                 results[eps].robust_acc, results[eps].robust_attack)
+    flags: dict[str, bool] = {}
+    evidence: dict[str, float] = {}
+    if spec.masking is not None:
+        torch.manual_seed(spec.seed)
+        found = masking_lib.check(defense, x, y, results, spec.masking, spec.batch_size)
+        flags, evidence = found.flags, found.evidence
+    return Report(results, flags, evidence, time.perf_counter() - start)
+
+
+__all__ = ["EvalResult", "EvalSpec", "Report", "benchmark", "evaluate", "build_attacks",
+           "make_attack", "parse_attack", "check_attacks", "check_eps", "eps_label", "parse_eps",
+           "default_eval_eps", "large_eps", "predict_labels", "EvalConfigError", "PRESETS",
+           "FAST", "STANDARD", "DEFAULT_EVAL_EPS", "LARGE_EPS"]

@@ -1,5 +1,6 @@
 """Merge trial records from one or more runs, find the Pareto front, its knee and its
-hypervolume.
+hypervolume — at the primary ε (``robust_acc``) and, for trials that carry a robustness curve
+(``robust_acc@<eps>`` columns), one front per ε (``fronts_by_eps``).
 
 Everything here works on plain DataFrames of ``TrialRecord.to_row()`` rows so that the same
 code serves a live sweep, a finished run dir and a CSV someone reloaded in a notebook. No Ray,
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OBJECTIVES: tuple[str, ...] = ("clean_acc", "robust_acc")
 # Prefixed column groups of a trial row, in CSV order (see TrialRecord.to_row).
-GROUP_PREFIXES: tuple[str, ...] = ("hp.", "acc.", "flag.", "metric.")
+CURVE_PREFIX = "robust_acc@"   # robustness curve: robust_acc@<eps> (e.g. robust_acc@0.1, @8/255)
+GROUP_PREFIXES: tuple[str, ...] = (CURVE_PREFIX, "hp.", "acc.", "flag.", "metric.")
 FLAG_PREFIX = "flag."
 SUSPECT_COLUMN = "suspect"
 TAIL_COLUMNS: tuple[str, ...] = ("error", SUSPECT_COLUMN)
@@ -75,6 +77,37 @@ def with_suspect(df: pd.DataFrame) -> pd.DataFrame:
     out = df.copy()
     out[SUSPECT_COLUMN] = suspect_labels(df)
     return order_columns(out)
+
+
+# ---------------------------------------------------------------------------- curve columns
+
+def parse_eps_label(label: str) -> float:
+    """``"0.3"`` -> 0.3, ``"8/255"`` -> 8/255 (the spellings of defenses.evaluate.eps_label)."""
+    num, _, den = label.partition("/")
+    return float(num) / float(den) if den else float(num)
+
+
+def curve_columns(df: pd.DataFrame) -> list[tuple[float, str]]:
+    """(ε, column) of every ``robust_acc@<eps>`` column, by increasing ε."""
+    found = []
+    for col in df.columns:
+        if isinstance(col, str) and col.startswith(CURVE_PREFIX):
+            try:
+                found.append((parse_eps_label(col[len(CURVE_PREFIX):]), col))
+            except ValueError:
+                log.warning("ignoring column %r: no ε after %r", col, CURVE_PREFIX)
+    return sorted(found)
+
+
+def fronts_by_eps(df: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES,
+                  exclude_flagged: bool = False) -> dict[float, tuple[tuple[str, ...], pd.DataFrame]]:
+    """One Pareto front per ε of the robustness curve: ``robust_acc`` in ``objectives`` is
+    replaced by that ε's ``robust_acc@<eps>`` column. ε -> (objectives used, front rows)."""
+    out = {}
+    for eps, col in curve_columns(df):
+        objs = tuple(col if o == "robust_acc" else o for o in objectives)
+        out[eps] = (objs, pareto_front(df, objs, exclude_flagged=exclude_flagged))
+    return out
 
 
 # ---------------------------------------------------------------------------- merging runs
@@ -296,14 +329,16 @@ def _complain(message: str) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = _OneLineParser(prog="python -m orchestrator.aggregate",
-                       description="Merge sweep runs and write trials.csv, pareto.csv and "
+                       description="Merge sweep runs and write trials.csv, pareto.csv, "
+                                   "pareto_by_eps.csv (when trials have a robustness curve) and "
                                    "pareto.png.")
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
                    help="run directory holding records/*.json")
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default: the run dir; required with several)")
     p.add_argument("--exclude-flagged", action="store_true",
-                   help="leave trials with any flag.* raised off the Pareto front")
+                   help="leave trials with any flag.* raised (e.g. gradient masking) off the "
+                        "Pareto fronts; trials.csv keeps them")
     return p
 
 
@@ -335,6 +370,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     front = pareto_front(df, exclude_flagged=args.exclude_flagged)
     print(f"{len(df)} trials ({int((df['status'] == COMPLETED).sum())} completed), "
           f"{len(front)} on the Pareto front, hypervolume {hypervolume(front):.4f}")
+    flagged = int(flagged_mask(df).sum()) if not df.empty else 0
+    if flagged:
+        print(f"{flagged} trials flagged as suspect (see the 'suspect' column)"
+              + ("; kept off the fronts" if args.exclude_flagged else ""))
+    for eps, (objs, eps_front) in fronts_by_eps(df, exclude_flagged=args.exclude_flagged).items():
+        print(f"ε={eps:.4g}: {len(eps_front)} on the front, hypervolume "
+              f"{hypervolume(eps_front, objs):.4f}")
     if not front.empty:
         k = front.loc[knee(front)]
         print(f"knee: {k['trial_id']} ({k['defense']}) clean_acc={k['clean_acc']:.4f} "

@@ -1,4 +1,12 @@
-"""Write a sweep's results: trials.csv, pareto.csv, pareto.png and manifest.json.
+"""Write a sweep's results: trials.csv, pareto.csv, pareto_by_eps.csv, pareto.png and
+manifest.json.
+
+pareto.csv is the front at the spec's primary ε (``robust_acc``); when the trials carry a
+robustness curve (``robust_acc@<eps>`` columns), pareto_by_eps.csv holds one front per ε (column
+``eps``, the objective's value in ``robust_acc_at_eps``) and pareto.png gets one panel per ε.
+Suspect trials (any ``flag.*`` raised, e.g. a gradient-masking indicator) stay in every table
+with ``suspect`` naming the flags, are drawn as crosses (ringed in red on a front), and are left
+off the fronts with ``exclude_flagged``.
 
 Every file is written to a temporary file in its destination folder and renamed into place,
 so a reader (a dashboard, a notebook, a second aggregation) sees the previous complete file or
@@ -25,8 +33,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from orchestrator.aggregate import (DEFAULT_OBJECTIVES, flagged_mask, knee, pareto_front,
-                                    with_suspect)
+from orchestrator.aggregate import (DEFAULT_OBJECTIVES, curve_columns, flagged_mask,
+                                    fronts_by_eps, knee, pareto_front, with_suspect)
 from orchestrator.records import COMPLETED, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -76,29 +84,74 @@ def pareto_table(trials: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJEC
     return front.sort_values(list(objectives)[::-1], ascending=False, kind="stable")
 
 
+def pareto_by_eps_table(trials: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES,
+                        exclude_flagged: bool = False) -> pd.DataFrame:
+    """One front per ε of the robustness curve, stacked by increasing ε: every column of
+    ``trials`` plus ``eps``, ``robust_acc_at_eps`` (the front's robust objective) and
+    ``is_knee`` (one per ε). Empty (with those columns) when no trial has a curve."""
+    parts = []
+    for eps, (objs, _) in fronts_by_eps(trials, objectives, exclude_flagged).items():
+        col = next(o for o in objs if o not in objectives)
+        table = pareto_table(trials, objs, exclude_flagged)
+        parts.append(table.assign(eps=eps, robust_acc_at_eps=table[col]))
+    if not parts:
+        return trials.iloc[:0].assign(is_knee=False, eps=float("nan"),
+                                      robust_acc_at_eps=float("nan"))
+    return pd.concat(parts, ignore_index=True)
+
+
 # ---------------------------------------------------------------------------- plot
 
 def write_pareto_png(trials: pd.DataFrame, table: pd.DataFrame, path: str | Path,
-                     objectives: Sequence[str] = DEFAULT_OBJECTIVES) -> Path:
+                     objectives: Sequence[str] = DEFAULT_OBJECTIVES,
+                     exclude_flagged: bool = False) -> Path:
     """Scatter of completed trials (first objective on x, second on y) coloured by defense,
-    suspect trials as crosses, the front as a staircase and the knee as a star."""
-    x_col, y_col = objectives[0], objectives[1]
-    fig = Figure(figsize=(8, 5.5), dpi=120)
+    suspect trials as crosses, the front as a staircase and the knee as a star: one panel for
+    ``table`` (the primary ε), or, when the trials carry a robustness curve, one panel per ε
+    with that ε's front."""
+    panels = _panels(trials, table, objectives, exclude_flagged)
+    fig = Figure(figsize=(8 + 5 * (len(panels) - 1), 5.5), dpi=120)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    done = trials[(trials["status"] == COMPLETED) & trials[[x_col, y_col]].notna().all(axis=1)]
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, objs, front) in zip(axes, panels):
+        _draw_panel(ax, trials, front, objs, title)
+    legend: dict[str, Any] = {}  # every panel's entries once (a suspect may be in one panel only)
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    if legend:
+        axes[-1].legend(list(legend.values()), list(legend), loc="upper left",
+                        bbox_to_anchor=(1.02, 1.0), fontsize="small")
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+
+
+def _panels(trials: pd.DataFrame, table: pd.DataFrame, objectives: Sequence[str],
+            exclude_flagged: bool) -> list[tuple[str, tuple[str, ...], pd.DataFrame]]:
+    """(title suffix, objectives, front with is_knee) per panel."""
+    curve = fronts_by_eps(trials, objectives, exclude_flagged) if "robust_acc" in objectives else {}
+    if not curve:
+        return [("", tuple(objectives), table)]
+    return [(f"ε = {eps:.4g}", objs, pareto_table(trials, objs, exclude_flagged))
+            for eps, (objs, _) in curve.items()]
+
+
+def _draw_panel(ax: Axes, trials: pd.DataFrame, front: pd.DataFrame, objectives: Sequence[str],
+                title: str) -> None:
+    x_col, y_col = objectives[0], objectives[1]
+    done = trials[(trials["status"] == COMPLETED) & trials[[x_col, y_col]].notna().all(axis=1)] \
+        if not trials.empty else trials
     if done.empty:
         ax.text(0.5, 0.5, "no completed trials", ha="center", va="center",
                 transform=ax.transAxes, fontsize="large")
     else:
         _draw_trials(ax, done, x_col, y_col)
-        _draw_front(ax, table, x_col, y_col, staircase=len(objectives) == 2)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
+        _draw_front(ax, front, x_col, y_col, staircase=len(objectives) == 2)
         ax.grid(alpha=0.3)
     ax.set_xlabel(AXIS_LABELS.get(x_col, x_col))
-    ax.set_ylabel(AXIS_LABELS.get(y_col, y_col))
-    ax.set_title(f"{len(done)} completed trials, {len(table)} on the Pareto front")
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    ax.set_ylabel(AXIS_LABELS.get(y_col, f"robust accuracy at {title}" if title else y_col))
+    head = f"{title}: " if title else ""
+    ax.set_title(f"{head}{len(done)} completed trials, {len(front)} on the Pareto front",
+                 fontsize="medium")
 
 
 def _draw_trials(ax: Axes, done: pd.DataFrame, x_col: str, y_col: str) -> None:
@@ -128,6 +181,10 @@ def _draw_front(ax: Axes, table: pd.DataFrame, x_col: str, y_col: str,
     else:
         ax.scatter(front[x_col], front[y_col], s=80, facecolors="none", edgecolors="black",
                    label="Pareto front")
+    suspect = table[flagged_mask(table)]
+    if not suspect.empty:
+        ax.scatter(suspect[x_col], suspect[y_col], s=140, facecolors="none", edgecolors="red",
+                   linewidths=1.5, zorder=4, label="suspect on the front")
     k = table[table["is_knee"]].iloc[0]
     ax.scatter([k[x_col]], [k[y_col]], marker="*", s=260, color="gold", edgecolors="black",
                zorder=5, label=f"knee ({k['trial_id']})")
@@ -188,18 +245,23 @@ def git_sha(root: Path = PROJECT_ROOT) -> str | None:
 def export_all(df: pd.DataFrame, out_dir: str | Path,
                objectives: Sequence[str] = DEFAULT_OBJECTIVES,
                exclude_flagged: bool = False) -> dict[str, Path]:
-    """Write trials.csv (every trial), pareto.csv (the front, with ``is_knee``) and
-    pareto.png into ``out_dir``; returns file name -> path. An empty ``df`` or one without
-    a completed trial still yields header-only CSVs and a plot saying so. Flagged trials are
-    always in trials.csv (``suspect`` names their flags); ``exclude_flagged`` keeps them off
-    the front only."""
+    """Write trials.csv (every trial), pareto.csv (the front at the primary ε, with
+    ``is_knee``), pareto_by_eps.csv (one front per ε, only when the trials carry a robustness
+    curve) and pareto.png into ``out_dir``; returns file name -> path. An empty ``df`` or one
+    without a completed trial still yields header-only CSVs and a plot saying so. Flagged
+    trials are always in the tables (``suspect`` names their flags); ``exclude_flagged`` keeps
+    them off the fronts only."""
     out_dir = Path(out_dir)
     trials = with_suspect(df).reset_index(drop=True)
     table = pareto_table(trials, objectives, exclude_flagged)
     paths = {
         "trials.csv": write_csv(trials, out_dir / "trials.csv"),
         "pareto.csv": write_csv(table, out_dir / "pareto.csv"),
-        "pareto.png": write_pareto_png(trials, table, out_dir / "pareto.png", objectives),
     }
+    if curve_columns(trials) and "robust_acc" in objectives:
+        paths["pareto_by_eps.csv"] = write_csv(
+            pareto_by_eps_table(trials, objectives, exclude_flagged), out_dir / "pareto_by_eps.csv")
+    paths["pareto.png"] = write_pareto_png(trials, table, out_dir / "pareto.png", objectives,
+                                           exclude_flagged)
     log.info("exported %d trials (%d on the front) to %s", len(trials), len(table), out_dir)
     return paths

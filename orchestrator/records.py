@@ -35,6 +35,8 @@ class TrialRecord:
     acc: dict[str, float] = dataclasses.field(default_factory=dict)      # per attack
     flags: dict[str, bool] = dataclasses.field(default_factory=dict)     # e.g. catastrophic_overfitting
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # anything else numeric
+    # robustness curve, keyed by column name: robust_acc@<eps>, acc.<attack>@<eps>
+    curve: dict[str, float] = dataclasses.field(default_factory=dict)
     epochs: int = 0
     train_seconds: float = math.nan
     eval_seconds: float = math.nan
@@ -51,10 +53,12 @@ class TrialRecord:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def to_row(self) -> dict[str, Any]:
-        """One flat CSV row: identity columns, then hp.*, acc.*, flag.*, metric.*, error."""
+        """One flat CSV row: identity columns, then hp.*, acc.*, the curve's robust_acc@<eps>
+        and acc.<attack>@<eps>, flag.*, metric.*, error."""
         row: dict[str, Any] = {c: getattr(self, c) for c in IDENTITY_COLUMNS}
         row.update({f"hp.{k}": v for k, v in sorted(self.hp.items())})
         row.update({f"acc.{k}": v for k, v in self.acc.items()})
+        row.update(self.curve)
         row.update({f"flag.{k}": bool(v) for k, v in sorted(self.flags.items())})
         row.update({f"metric.{k}": v for k, v in sorted(self.metrics.items())})
         row["error"] = self.error

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from defenses import attacks as attack_lib
 from defenses import data as data_lib
+from defenses import evaluate as eval_lib
 from defenses import models as model_lib
 from defenses import registry
 from defenses.base import DefenseConfigError, ThreatModel
@@ -33,12 +33,28 @@ class ThreatSpec(_Strict):
     attacks: list[str] = Field(default_factory=lambda: ["fgsm", "pgd-20"], min_length=1)
     train_steps: int = Field(10, gt=0)
     train_step_size: float | None = Field(None, gt=0.0, le=1.0)
+    # --- evaluation only (defenses.evaluate): attacks may also name presets (fast, standard,
+    # adaptive, paper) and AutoAttack's components (apgd_ce-100, apgd_t-50x3, fab_t-100)
+    eval_eps: list[float] | None = None       # robustness curve; None: the dataset's default ε
+    # test images at the other ε of the curve (bounds its cost to ~0.4× the primary ε's each
+    # with eval_samples 500); null: all of eval_samples
+    curve_samples: int | None = Field(200, gt=0)
+    masking_samples: int = Field(64, ge=0)    # points of the gradient-masking checks; 0: off
+    final_eval: list[str] | None = None       # attacks re-run on the final front (sweep --final-eval)
+    exclude_flagged: bool = False             # keep flagged trials off the Pareto fronts
 
-    @field_validator("attacks")
+    @field_validator("attacks", "final_eval")
     @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        for name in v:
-            attack_lib.parse(name)
+    def _known(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            eval_lib.check_attacks(v)
+        return v
+
+    @field_validator("eval_eps")
+    @classmethod
+    def _eps_in_range(cls, v: list[float] | None) -> list[float] | None:
+        for e in v or []:
+            eval_lib.check_eps(e, "eval_eps")
         return v
 
     def threat_model(self) -> ThreatModel:
@@ -55,9 +71,27 @@ class OptimizerSpec(_Strict):
 
 
 class ResourceSpec(_Strict):
+    # CPUs and GPUs of one training process: a trial with workers_per_trial = N holds N times
+    # them (fractional GPUs let several small trials share one GPU)
     cpus_per_trial: float = Field(1.0, gt=0.0)
     gpus_per_trial: float = Field(0.0, ge=0.0)
     max_concurrent: int | None = Field(None, gt=0)
+    workers_per_trial: int = Field(1, ge=1)  # > 1: the trial trains data-parallel (Ray Train)
+    sync_batchnorm: bool = False             # BatchNorm statistics over the global batch
+
+    @model_validator(mode="after")
+    def _ranks_need_whole_gpus(self) -> "ResourceSpec":
+        if self.workers_per_trial > 1 and 0 < self.gpus_per_trial < 1:
+            raise ValueError(f"gpus_per_trial={self.gpus_per_trial:g} with workers_per_trial="
+                             f"{self.workers_per_trial}: the ranks of one trial cannot share a GPU "
+                             "(NCCL); use gpus_per_trial: 1, or one worker per trial to share GPUs")
+        return self
+
+    def trial_cpus(self) -> float:
+        return self.cpus_per_trial * self.workers_per_trial
+
+    def trial_gpus(self) -> float:
+        return self.gpus_per_trial * self.workers_per_trial
 
 
 class DefenseSpec(_Strict):
@@ -113,6 +147,15 @@ class SweepSpec(_Strict):
     def _model(cls, v: str) -> str:
         if v not in model_lib.NAMES:
             raise ValueError(f"unknown model {v!r}; valid models: {', '.join(model_lib.NAMES)}")
+        return v
+
+    @field_validator("resources")
+    @classmethod
+    def _every_rank_gets_examples(cls, v: ResourceSpec, info) -> ResourceSpec:
+        batch = info.data.get("batch_size")
+        if batch is not None and v.workers_per_trial > batch:
+            raise ValueError(f"workers_per_trial={v.workers_per_trial} exceeds batch_size={batch}: "
+                             "every worker needs a share of each batch")
         return v
 
     def trials_for(self, defense: str) -> int:

@@ -1,9 +1,12 @@
 """Run a sweep: ``python orchestrator/sweep.py [--spec FILE | --preset NAME] [--out DIR]
-[--resume] [--no-dashboard] [--address ADDR]``.
+[--resume] [--no-dashboard] [--address ADDR] [--storage-path URI]``.
 
 Validates everything first (bad input: one line, exit 2, before Ray starts), starts a local Ray
-or joins a cluster, runs one Ray Tune search per defense (OptunaSearch, multi-objective),
-then merges the trial records and writes trials.csv, pareto.csv, pareto.png, manifest.json."""
+or joins a cluster (under ``ray submit`` on a cluster head: the cluster running there), runs one
+Ray Tune search per defense (OptunaSearch, multi-objective), then merges the trial records and
+writes trials.csv, pareto.csv, pareto.png, manifest.json. Tune's experiment state and the
+trials' checkpoints go to the storage path (OUT/tune unless ``--storage-path`` names a shared
+folder or s3://...: what a multi-node cluster needs, and what survives the head)."""
 from __future__ import annotations
 
 import argparse
@@ -50,6 +53,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="Ray cluster to join: host:port, 'auto' (the one running here) or 'local' "
                         "(a fresh local Ray); default RAY_ADDRESS, else a running one, else local")
     p.add_argument("--data-root", help="folder holding CIFAR data (overrides the spec)")
+    p.add_argument("--storage-path", help="where Tune keeps experiment state and checkpoints: a "
+                   "folder every node sees, or s3://bucket/prefix (default: OUT/tune)")
+    # evaluation (issue 10): stronger attacks on the final fronts, suspect trials off them
+    p.add_argument("--final-eval", help="re-evaluate the final Pareto fronts with these attacks or "
+                   "presets (comma-separated, e.g. standard)")
+    p.add_argument("--exclude-flagged", action="store_true",
+                   help="keep trials with a raised flag (e.g. gradient masking) off the Pareto fronts")
     return p.parse_args(argv)
 
 
@@ -69,6 +79,20 @@ def resolve_spec(args: argparse.Namespace, out: Path | None) -> SweepSpec:
     return spec
 
 
+def resolve_storage(args: argparse.Namespace, out: Path) -> str:
+    """--storage-path, else (resuming) the one the run used, else OUT/tune."""
+    saved = out / "run.json"
+    used = json.loads(saved.read_text()).get("storage_path") if args.resume and saved.is_file() else None
+    if args.storage_path and used and _same_place(args.storage_path) != _same_place(used):
+        raise InputError(f"--resume: the run in {out} keeps its state in {used}, not "
+                         f"{args.storage_path}; drop --storage-path to resume it")
+    return args.storage_path or used or str(out / "tune")
+
+
+def _same_place(storage: str) -> str:
+    return storage.rstrip("/") if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
 def check_out_dir(out: Path, resume: bool) -> None:
     earlier = (out / "spec.json").exists() or (out / "records").exists()
     if resume and not earlier:
@@ -86,21 +110,33 @@ def check_out_dir(out: Path, resume: bool) -> None:
 
 
 def existing_cluster(address: str | None) -> str | None:
-    """The address of the cluster to join, or None for a fresh local Ray. ``local`` forces a
-    fresh local Ray. Without an address, a running cluster on this machine (what `ray submit`
-    finds on a cluster head) is joined when Ray's bootstrap file names one that answers."""
+    """The address to give ``ray.init``, or None for a fresh local Ray. ``local`` forces a
+    fresh local Ray; host:port joins that cluster (with token authentication on, set
+    RAY_AUTH_MODE=token as Ray asks for explicit addresses). Without an address, a running
+    cluster on this machine (what `ray submit` finds on a cluster head) is joined when Ray's
+    bootstrap file names one that answers; the file is looked up where `ray start` writes it
+    (RAY_TMPDIR/ray, else /tmp/ray). That cluster is joined as ``auto``: only then does Ray read
+    the token of a cluster with token authentication (~/.ray/auth_token) by itself."""
     if address == "local":
         return None
     if address and address != "auto":
         return address
-    current = Path("/tmp/ray/ray_current_cluster")
-    found = current.read_text().strip() if current.is_file() else ""
+    found = detected_cluster()
     if found and _answers(found):
-        return found
+        log.info("found the Ray cluster at %s", found)
+        return "auto"
     if address == "auto":
         raise InputError("--address auto: no running Ray cluster found on this machine; start one "
                          "with `ray start --head` or drop --address to run locally")
     return None
+
+
+def detected_cluster() -> str:
+    """host:port of the cluster `ray start` last started on this machine, or ''."""
+    from ray._common.utils import get_ray_address_file
+
+    current = Path(get_ray_address_file(None))
+    return current.read_text().strip() if current.is_file() else ""
 
 
 def _answers(address: str, timeout: float = 3.0) -> bool:
@@ -119,14 +155,83 @@ def check_reachable(address: str) -> None:
                          "the head's GCS, default port 6379) or drop --address to run locally")
 
 
-def check_resources(spec: SweepSpec, cpus: float, gpus: float, where: str) -> None:
+def check_resources(spec: SweepSpec, cpus: float, gpus: float, where: str,
+                    node_cpus: float | None = None, node_gpus: float | None = None) -> None:
+    """A trial must fit: each worker on one node, all its workers in the cluster at once.
+    ``node_*``: the largest node's (None: one machine)."""
     r = spec.resources
-    if r.cpus_per_trial > cpus:
-        raise InputError(f"resources.cpus_per_trial={r.cpus_per_trial:g} but {where} has {cpus:g} CPUs; "
-                         "a trial would wait forever: lower it")
-    if r.gpus_per_trial > gpus:
-        raise InputError(f"resources.gpus_per_trial={r.gpus_per_trial:g} but {where} has {gpus:g} GPUs; "
-                         "a trial would wait forever: lower it (0 runs on the CPU)")
+    node_cpus = cpus if node_cpus is None else node_cpus
+    node_gpus = gpus if node_gpus is None else node_gpus
+    if r.cpus_per_trial > node_cpus:
+        raise InputError(f"resources.cpus_per_trial={r.cpus_per_trial:g} but {where} has {node_cpus:g} "
+                         "CPUs per node; a trial would wait forever: lower it")
+    if r.gpus_per_trial > node_gpus:
+        raise InputError(f"resources.gpus_per_trial={r.gpus_per_trial:g} but {where} has {node_gpus:g} "
+                         "GPUs per node; a trial would wait forever: lower it (0 runs on the CPU)")
+    n = r.workers_per_trial
+    if n > 1 and (r.trial_cpus() > cpus or r.trial_gpus() > gpus):
+        raise InputError(f"resources.workers_per_trial={n} needs {r.trial_cpus():g} CPUs and "
+                         f"{r.trial_gpus():g} GPUs but {where} has {cpus:g} CPUs and {gpus:g} GPUs; "
+                         "a trial would wait forever: lower workers_per_trial or the per-worker resources")
+
+
+def concurrent_trials(spec: SweepSpec, cpus: float, gpus: float) -> int | None:
+    """How many trials may run at once. A data-parallel trial's function holds no resources
+    itself (its workers do), so Tune cannot count them: cap it by what the cluster holds."""
+    r = spec.resources
+    if r.workers_per_trial == 1:
+        return r.max_concurrent
+    fit = int(cpus // r.trial_cpus())
+    if r.trial_gpus() > 0:
+        fit = min(fit, int(gpus // r.trial_gpus()))
+    return max(1, min(fit, r.max_concurrent or fit))
+
+
+def check_storage(storage: str) -> str:
+    """The storage path as Tune takes it (an absolute path or a URI), after writing a probe
+    file there: an unreachable or read-only storage stops the sweep before it starts."""
+    import pyarrow.fs
+
+    if "://" not in storage:
+        path = Path(storage).expanduser().resolve()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".write-test-{uuid.uuid4().hex[:6]}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise InputError(f"storage path {storage} is not writable ({e.strerror}); choose another "
+                             "--storage-path") from None
+        return str(path)
+    try:
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+        fs.create_dir(root, recursive=True)
+        probe = f"{root.rstrip('/')}/.write-test-{uuid.uuid4().hex[:6]}"
+        with fs.open_output_stream(probe) as f:
+            f.write(b"")
+        fs.delete_file(probe)
+    except Exception as e:  # pyarrow raises OSError, ArrowInvalid, ... with one-line messages
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"storage path {storage} is not reachable ({reason}); check the URI and "
+                         "the credentials of this machine, or choose another --storage-path") from None
+    return storage.rstrip("/")
+
+
+def cluster_capacity(ray) -> dict[str, float]:
+    """CPUs and GPUs the cluster has now, or can have: on an autoscaling cluster's head (the
+    launcher leaves its config in ~/ray_bootstrap_config.yaml) worker nodes that do not run yet
+    count at their node type's max_workers, when the type states its resources."""
+    cpus = gpus = node_cpus = node_gpus = 0.0
+    for node in ray.nodes():
+        if node.get("Alive"):
+            res = node.get("Resources", {})
+            cpus, gpus = cpus + res.get("CPU", 0), gpus + res.get("GPU", 0)
+            node_cpus, node_gpus = max(node_cpus, res.get("CPU", 0)), max(node_gpus, res.get("GPU", 0))
+    now = {"cpus": cpus, "gpus": gpus, "node_cpus": node_cpus, "node_gpus": node_gpus}
+    from orchestrator.cluster import autoscaling_capacity
+
+    possible = autoscaling_capacity(Path.home() / "ray_bootstrap_config.yaml")
+    return {k: max(now[k], possible.get(k, 0.0)) for k in now}
 
 
 def local_gpus() -> int:
@@ -136,13 +241,13 @@ def local_gpus() -> int:
 
 
 # ---------------------------------------------------------------- running
-def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, address: str | None) -> int:
+def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, address: str | None,
+              storage: str | None = None) -> int:
     import ray
     from ray import tune
     from rich.console import Console
 
     from orchestrator.dashboard import Dashboard
-    from orchestrator.records import load_records
     from orchestrator.tune_adapter import RecordWriter, make_searcher, tune_trial
 
     import optuna
@@ -150,18 +255,20 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.time()
     run_id = out.name
-    (out / "spec.json").write_text(json.dumps(spec.model_dump(), indent=1))
+    storage = storage or str(out.resolve() / "tune")
     if not ray.is_initialized():
         ray.init(address=address or "local", include_dashboard=False, dashboard_host="127.0.0.1",
                  log_to_driver=False, logging_level=logging.WARNING,
                  **({} if address else {"num_cpus": os.cpu_count()}))
-    cluster = ray.cluster_resources()
-    check_resources(spec, cluster.get("CPU", 0), cluster.get("GPU", 0), "the Ray cluster")
+    cap = cluster_capacity(ray)
+    check_resources(spec, cap["cpus"], cap["gpus"], "the Ray cluster", cap["node_cpus"], cap["node_gpus"])
+    (out / "spec.json").write_text(json.dumps(spec.model_dump(), indent=1))
+    (out / "run.json").write_text(json.dumps({"storage_path": storage}, indent=1))
 
     r = spec.resources
     console = Console()
-    board = Dashboard(spec.total_trials(), r.cpus_per_trial, r.gpus_per_trial,
-                      cluster.get("CPU", 0), cluster.get("GPU", 0), console=console,
+    board = Dashboard(spec.total_trials(), r.trial_cpus(), r.trial_gpus(),
+                      cap["cpus"], cap["gpus"], console=console,
                       live=None if dashboard_on else False)
     writer = RecordWriter(out, spec, run_id)
     interrupted = False
@@ -170,14 +277,21 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
         for defense in spec.defenses:
             writer.defense = defense
             board.begin_defense(defense, list(getattr(space_module(defense), "KEY_HPARAMS", [])))
+            # A data-parallel trial's function only waits on its Ray Train workers, which reserve
+            # their own placement group: it holds no CPU (with N workers on N CPUs it would keep
+            # one of them from starting). Tune cannot place a trial that asks for nothing at
+            # all, so it asks for one byte of memory.
             trainable = tune.with_resources(
                 tune.with_parameters(tune_trial, defense=defense, spec=spec.model_dump(),
-                                     run_dir=str(out.resolve()), run_id=run_id),
-                {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
-            tuner = _tuner(tune, trainable, spec, defense, out, resume, [writer, board], make_searcher)
+                                     run_dir=str(out.resolve()), run_id=run_id, storage=storage),
+                {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial} if r.workers_per_trial == 1
+                else {"cpu": 0, "memory": 1})
+            tuner = _tuner(tune, trainable, spec, defense, out, resume, [writer, board], make_searcher,
+                           storage, concurrent_trials(spec, cap["cpus"], cap["gpus"]))
             tuner.fit()
             # Ground truth for "did this defense finish": every trial leaves a final record
             # (completed or failed). Fewer records than trials means Tune was interrupted.
+            from orchestrator.records import load_records
             finished = {r.trial_id for r in load_records(out) if r.defense == defense}
             if len(finished) < spec.trials_for(defense):
                 interrupted = True
@@ -191,28 +305,31 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
         print(f"interrupted: results so far are in {out}; resume with: "
               f"python orchestrator/sweep.py --resume --out {out}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if spec.threat_model.final_eval:  # issue 10: the front re-evaluated with stronger attacks
+        from orchestrator.evaluate import final_evaluation
+        final_evaluation(out, spec)
+        _export(spec, out, started)
     print(f"done: {out / 'pareto.csv'} ({out / 'trials.csv'}, {out / 'pareto.png'})")
     return 0
 
 
 def _tuner(tune, trainable, spec: SweepSpec, defense: str, out: Path, resume: bool, callbacks,
-           make_searcher):
-    experiment = out.resolve() / "tune" / defense
-    if resume and tune.Tuner.can_restore(str(experiment)):
-        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True,
+           make_searcher, storage: str, max_concurrent: int | None):
+    experiment = f"{storage}/{defense}"
+    if resume and tune.Tuner.can_restore(experiment):
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True,
                                    resume_errored=spec.max_failures > 0)
         # restored run configs carry unpicklable-free copies of the callbacks: use the live ones
         tuner._local_tuner.get_run_config().callbacks = callbacks
         return tuner
-    r = spec.resources
     return tune.Tuner(
         trainable,
         param_space={"hp": build_space(spec, defense)},
         tune_config=tune.TuneConfig(search_alg=make_searcher(spec, defense, out),
                                     num_samples=spec.trials_for(defense), reuse_actors=True,
-                                    max_concurrent_trials=r.max_concurrent),
+                                    max_concurrent_trials=max_concurrent),
         run_config=tune.RunConfig(
-            name=defense, storage_path=str(out.resolve() / "tune"), verbose=0, callbacks=callbacks,
+            name=defense, storage_path=storage, verbose=0, callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
 
@@ -221,7 +338,8 @@ def _export(spec: SweepSpec, out: Path, started: float) -> None:
     from orchestrator.aggregate import merge_runs
     from orchestrator.export import export_all, write_manifest
 
-    export_all(merge_runs([out]), out, objectives=tuple(spec.objectives))
+    export_all(merge_runs([out]), out, objectives=tuple(spec.objectives),
+               exclude_flagged=spec.threat_model.exclude_flagged)
     write_manifest(out, spec.model_dump(), started, time.time(), [spec.seed])
 
 
@@ -235,12 +353,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError("--resume needs --out DIR: the run directory to continue")
             check_out_dir(out, resume=True)
         spec = resolve_spec(args, out)
+        from orchestrator.evaluate import with_eval_options  # issue 10
+        spec = with_eval_options(spec, args.final_eval, args.exclude_flagged)
         if not args.resume:
             out = out or Path("runs") / spec.name
             check_out_dir(out, resume=False)
         data_lib.check_available(spec.dataset, spec.data_root)
+        storage = check_storage(resolve_storage(args, out))
         address = existing_cluster(args.address)
-        if address:
+        if address and address != "auto":
             check_reachable(address)
         else:
             check_resources(spec, float(os.cpu_count() or 1), float(local_gpus()), "this machine")
@@ -248,7 +369,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        return run_sweep(spec, out, args.resume, not args.no_dashboard, address)
+        if address:
+            where = detected_cluster() + " (running on this machine)" if address == "auto" else address
+            print(f"joining the Ray cluster at {where}", file=sys.stderr)
+        return run_sweep(spec, out, args.resume, not args.no_dashboard, address, storage)
     except InputError as e:  # cluster resources, known only once connected
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

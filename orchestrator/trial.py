@@ -3,10 +3,16 @@
 Build data, model and defense from the registry; train epoch by epoch, checkpointing and
 reporting after each (so Tune can resume a trial); evaluate with ``defenses.evaluate.benchmark``;
 report the final ``TrialRecord``. A reporter decides where reports and checkpoints go: Tune's
-session in a sweep, a local folder from plain Python (tests, notebooks)."""
+session in a sweep, Ray Train's in a data-parallel trial, a local folder from plain Python
+(tests, notebooks). A ``Parallel`` decides how the loop is spread over processes: one process
+(``SingleProcess``) or one rank of a data-parallel group (``orchestrator.distributed``); the
+loop itself is the same."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import shutil
@@ -15,9 +21,10 @@ import time
 import traceback
 import uuid
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
+import torch.nn as nn
 
 from defenses import data as data_lib
 from defenses import models as model_lib
@@ -64,6 +71,55 @@ class LocalReporter:
         return self.checkpoint_dir if (self.checkpoint_dir / CHECKPOINT_FILE).is_file() else None
 
 
+class Parallel(Protocol):
+    """How one process takes part in training a trial (see ``orchestrator.distributed``)."""
+    rank: int
+    world_size: int
+
+    def device(self, gpus: float) -> torch.device: ...
+
+    def prepare_model(self, model: nn.Module) -> nn.Module: ...
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> Any: ...
+
+    def shard(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Iterator: ...
+
+    def end_epoch(self, metrics: dict[str, float], stop: bool) -> tuple[dict[str, float], bool]: ...
+
+    def local_only(self) -> contextlib.AbstractContextManager: ...
+
+
+class SingleProcess:
+    """The whole trial in this process: every hook is the identity."""
+    rank, world_size = 0, 1
+
+    def device(self, gpus: float) -> torch.device:
+        return choose_device(gpus)
+
+    def prepare_model(self, model):
+        return model
+
+    def wrap_optimizer(self, optimizer):
+        return optimizer
+
+    def shard(self, batches):
+        return batches
+
+    def end_epoch(self, metrics, stop):
+        return metrics, stop
+
+    def local_only(self):
+        return contextlib.nullcontext()
+
+
+def epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    """The RNG seed of one epoch's random draws (attack starts, noise): a function of
+    (seed, epoch, stream) only, so a trial resumed from an epoch checkpoint draws what the
+    uninterrupted trial drew. Stream 0 is the end-of-epoch checks (the same on every rank),
+    stream 1 + rank the training of that rank (ranks draw independent noise)."""
+    return (seed * 1_000_003 + epoch * 7_919 + stream * 104_729) % (2 ** 63)
+
+
 @dataclasses.dataclass
 class TrialSetup:
     """Everything a trial trains: resolved once from (spec, defense name, hyperparameters)."""
@@ -83,7 +139,8 @@ def choose_device(gpus: float) -> torch.device:
 
 
 def build_setup(spec: SweepSpec, defense_name: str, hp: dict[str, Any], device: torch.device,
-                run_dir: Path | None, epochs: int | None = None) -> TrialSetup:
+                run_dir: Path | None, epochs: int | None = None,
+                prepare_model: Callable[[nn.Module], nn.Module] | None = None) -> TrialSetup:
     torch.manual_seed(spec.seed)
     cls = registry.get(defense_name)
     train_hp, defense_hp = split_hp(hp)
@@ -99,6 +156,8 @@ def build_setup(spec: SweepSpec, defense_name: str, hp: dict[str, Any], device: 
         dataset = dataclasses.replace(dataset, train_x=dataset.train_x[k:], train_y=dataset.train_y[k:])
     dataset = dataset.to(device)
     model = model_lib.build(spec.model, dataset.num_classes, dataset.in_channels).to(device)
+    if prepare_model is not None:  # before the defense sees the model (it may hook its layers)
+        model = prepare_model(model)
     defense = cls(model, params, spec.threat_model.threat_model())
     request = cls.base_model(params)
     base_path = None
@@ -129,7 +188,10 @@ def build_setup(spec: SweepSpec, defense_name: str, hp: dict[str, Any], device: 
     return TrialSetup(spec, defense_name, hp, device, dataset, holdout, defense, optimizer, scheduler)
 
 
-def save_checkpoint(folder: Path, s: TrialSetup, epoch: int, train_seconds: float) -> None:
+def save_checkpoint(folder: Path, s: TrialSetup, epoch: int, train_seconds: float,
+                    record: TrialRecord | None = None) -> None:
+    """``record``: the evaluated trial, kept in its final checkpoint so that a trial restarted
+    after it finished (a driver killed before it saw the end) reports it instead of redoing it."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({
         "model": s.defense.model.state_dict(),
@@ -140,7 +202,13 @@ def save_checkpoint(folder: Path, s: TrialSetup, epoch: int, train_seconds: floa
         "meta": {"dataset": s.spec.dataset, "model": s.spec.model, "defense": s.defense_name,
                  "num_classes": s.data.num_classes, "in_channels": s.data.in_channels,
                  "seed": s.spec.seed, "hp": s.hp},
+        "record": record.to_dict() if record is not None else None,
+        "spec_digest": spec_digest(s.spec),
     }, folder / CHECKPOINT_FILE)
+
+
+def spec_digest(spec: SweepSpec) -> str:
+    return hashlib.sha256(json.dumps(spec.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_checkpoint(folder: Path, s: TrialSetup) -> tuple[int, float]:
@@ -153,8 +221,21 @@ def load_checkpoint(folder: Path, s: TrialSetup) -> tuple[int, float]:
     return int(state["epoch"]), float(state["train_seconds"])
 
 
-def train(s: TrialSetup, epochs: int, start_epoch: int = 0, on_epoch=None) -> float:
-    """The training loop shared by trials and base models; returns training seconds."""
+def saved_record(folder: Path, spec: SweepSpec) -> TrialRecord | None:
+    """The final record stored in a checkpoint, if the trial had finished under this very spec
+    when it was saved (a checkpoint reused with more epochs or other attacks goes on instead)."""
+    state = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    saved = state.get("record")
+    if not saved or state.get("spec_digest") != spec_digest(spec):
+        return None
+    return TrialRecord.from_dict(saved)
+
+
+def train(s: TrialSetup, epochs: int, start_epoch: int = 0, on_epoch=None,
+          parallel: Parallel | None = None) -> float:
+    """The training loop shared by trials (one process or data-parallel ranks) and base
+    models; returns training seconds."""
+    parallel = parallel or SingleProcess()
     seconds = 0.0
     for epoch in range(start_epoch + 1, epochs + 1):
         t0 = time.perf_counter()
@@ -162,8 +243,11 @@ def train(s: TrialSetup, epochs: int, start_epoch: int = 0, on_epoch=None) -> fl
         order = torch.Generator().manual_seed(s.spec.seed * 100_003 + epoch)
         batches = data_lib.batches(s.data.train_x, s.data.train_y, s.spec.batch_size,
                                    shuffle=True, generator=order, device=s.device)
-        metrics = s.defense.train_epoch(batches, s.optimizer, epoch, s.scheduler)
+        torch.manual_seed(epoch_seed(s.spec.seed, epoch, 1 + parallel.rank))
+        metrics = s.defense.train_epoch(parallel.shard(batches), s.optimizer, epoch, s.scheduler)
+        torch.manual_seed(epoch_seed(s.spec.seed, epoch, 0))
         metrics.update(s.defense.end_epoch(epoch, s.holdout))
+        metrics, s.defense.stop_training = parallel.end_epoch(metrics, s.defense.stop_training)
         seconds += time.perf_counter() - t0
         if on_epoch is not None:
             on_epoch(epoch, metrics, seconds)
@@ -174,73 +258,108 @@ def train(s: TrialSetup, epochs: int, start_epoch: int = 0, on_epoch=None) -> fl
     return seconds
 
 
-def run_trial(config: dict[str, Any], reporter: Reporter | None = None) -> TrialRecord:
+def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
+              parallel: Parallel | None = None) -> TrialRecord:
     """Train and evaluate one configuration.
 
     ``config``: ``defense`` (registered name), ``hp`` (hyperparameters), ``spec`` (a SweepSpec or
-    its dict), optional ``run_dir`` (where base models are cached) and ``trial_id``."""
+    its dict), optional ``run_dir`` (where base models are cached) and ``trial_id``.
+    ``parallel``: one rank of a data-parallel group (every rank calls ``run_trial``; rank 0
+    checkpoints and evaluates, the record other ranks return holds training fields only)."""
     spec = config["spec"] if isinstance(config["spec"], SweepSpec) else SweepSpec.model_validate(config["spec"])
+    parallel = parallel or SingleProcess()
     defense_name, hp = config["defense"], dict(config.get("hp", {}))
     run_dir = Path(config["run_dir"]) if config.get("run_dir") else None
     if reporter is None:
         folder = Path(run_dir or tempfile.mkdtemp(prefix="trial-")) / "trials"
         reporter = LocalReporter(folder / (config.get("trial_id") or uuid.uuid4().hex[:8]),
                                  config.get("trial_id"))
-    record = TrialRecord(trial_id=reporter.trial_id, defense=defense_name, dataset=spec.dataset,
-                         model=spec.model, seed=spec.seed, hp=hp, run_id=config.get("run_id", ""))
+    record = new_record(config, spec, reporter.trial_id)
     base = {"defense": defense_name, "epochs": spec.epochs}
+    chief = parallel.rank == 0
     try:
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_trial)))
-        s = build_setup(spec, defense_name, hp, choose_device(spec.resources.gpus_per_trial), run_dir)
+        s = build_setup(spec, defense_name, hp, parallel.device(spec.resources.gpus_per_trial), run_dir,
+                        prepare_model=parallel.prepare_model)
+        s.optimizer = parallel.wrap_optimizer(s.optimizer)
         start_epoch, seconds_before = 0, 0.0
         restored = reporter.restore()
         if restored is not None:
             start_epoch, seconds_before = load_checkpoint(restored, s)
             log.info("trial %s resumed after epoch %d", reporter.trial_id, start_epoch)
+            done = saved_record(restored, spec)
+            if done is not None:  # it had finished: report it again, do not redo it
+                done.trial_id = reporter.trial_id
+                reporter.report(final_metrics(done, spec.epochs, start_epoch), restored if chief else None)
+                return done
 
         def on_epoch(epoch: int, metrics: dict[str, float], seconds: float) -> None:
             record.epochs = epoch
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(Path(tmp), s, epoch, seconds_before + seconds)
-                reporter.report({**base, "epoch": epoch, "status": "running",
+                if chief:
+                    save_checkpoint(Path(tmp), s, epoch, seconds_before + seconds)
+                reporter.report({**base, "epoch": epoch, "status": "running", "start_epoch": start_epoch,
                                  "clean_acc": math.nan, "robust_acc": math.nan, **metrics,
-                                 **{f"flag.{k}": v for k, v in s.defense.flags().items()}}, Path(tmp))
+                                 **{f"flag.{k}": v for k, v in s.defense.flags().items()}},
+                                Path(tmp) if chief else None)
 
         record.epochs = start_epoch
-        record.train_seconds = seconds_before + train(s, spec.epochs, start_epoch, on_epoch)
-        result = _evaluate(s)
-        record.clean_acc, record.robust_acc = result.clean_acc, result.robust_acc
-        record.robust_attack, record.acc = result.robust_attack, result.acc
-        record.eval_seconds = result.seconds
-        record.metrics = {"clean_rejected": result.clean_rejected}
+        record.train_seconds = seconds_before + train(s, spec.epochs, start_epoch, on_epoch, parallel)
         record.flags = s.defense.flags()
         record.status = COMPLETED
+        if chief:
+            with parallel.local_only():
+                report = _evaluate(s)
+            result = report.primary
+            record.clean_acc, record.robust_acc = result.clean_acc, result.robust_acc
+            record.robust_attack, record.acc = result.robust_attack, result.acc
+            record.eval_seconds = report.seconds
+            record.metrics = {"clean_rejected": result.clean_rejected, **report.evidence}
+            record.flags = {**record.flags, **report.flags}
+            record.curve = report.curve_columns()
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(Path(tmp), s, record.epochs, record.train_seconds)
-            reporter.report(_final(base, record), Path(tmp))
+            if chief:
+                save_checkpoint(Path(tmp), s, record.epochs, record.train_seconds, record)
+            reporter.report(final_metrics(record, spec.epochs, start_epoch), Path(tmp) if chief else None)
         return record
     except TrainingDiverged as e:
         # deterministic: a retry would diverge again, so the trial ends failed, the sweep goes on
         record.status, record.error = FAILED, str(e)
-        reporter.report(_final(base, record), None)
+        if parallel.world_size > 1:
+            raise  # the other ranks wait in a collective: the launcher ends them and reports it
+        reporter.report(final_metrics(record, spec.epochs), None)
         return record
     except Exception as e:
         record.status, record.error = FAILED, f"{type(e).__name__}: {e}"
         log.error("trial %s failed:\n%s", reporter.trial_id, traceback.format_exc())
-        reporter.report(_final(base, record), None)
+        if parallel.world_size == 1:
+            reporter.report(final_metrics(record, spec.epochs), None)
         raise
 
 
+def new_record(config: dict[str, Any], spec: SweepSpec, trial_id: str) -> TrialRecord:
+    return TrialRecord(trial_id=trial_id, defense=config["defense"], dataset=spec.dataset,
+                       model=spec.model, seed=spec.seed, hp=dict(config.get("hp", {})),
+                       run_id=config.get("run_id", ""))
+
+
 def _evaluate(s: TrialSetup):
+    """``defenses.evaluate.evaluate``: every ε of the curve, then the gradient-masking checks."""
+    from defenses.evaluate import EvalSpec, evaluate
+
     n = s.spec.eval_samples or len(s.data.test_y)
     x = data_lib.as_float(s.data.test_x[:n], s.device)
     y = s.data.test_y[:n].to(s.device)
-    torch.manual_seed(s.spec.seed)  # random starts of the attacks
-    return benchmark(s.defense, x, y, s.spec.threat_model.eps, s.spec.threat_model.attacks,
-                     batch_size=max(s.spec.batch_size, 256))
+    t = s.spec.threat_model
+    spec = EvalSpec.for_dataset(s.spec.dataset, t.eps, t.eval_eps, t.masking_samples,
+                                attacks=tuple(t.attacks), curve_samples=t.curve_samples,
+                                batch_size=max(s.spec.batch_size, 256), seed=s.spec.seed)
+    return evaluate(s.defense, (x, y), spec)
 
 
-def _final(base: dict[str, Any], record: TrialRecord) -> dict[str, Any]:
-    return {**base, "epoch": record.epochs, "status": record.status, "clean_acc": record.clean_acc,
+def final_metrics(record: TrialRecord, planned_epochs: int, start_epoch: int = 0) -> dict[str, Any]:
+    """The last result a trial reports: its record, plus the columns Tune and the dashboard read."""
+    return {"defense": record.defense, "epochs": planned_epochs, "epoch": record.epochs,
+            "start_epoch": start_epoch, "status": record.status, "clean_acc": record.clean_acc,
             "robust_acc": record.robust_acc, "error": record.error, "record": record.to_dict(),
             **{f"flag.{k}": v for k, v in record.flags.items()}}

@@ -1,16 +1,29 @@
-"""What connects ``run_trial`` to Ray Tune: the function trainable, its reporter, the
-callback that writes each trial's record, and the registry of search algorithms."""
+"""What connects ``run_trial`` to Ray Tune (and, for data-parallel trials, to Ray Train): the
+function trainable, its reporters, the callback that writes each trial's record, and the
+registry of search algorithms.
+
+A trial with ``resources.workers_per_trial > 1`` runs its training as a Ray Train
+``TorchTrainer`` launched from the Tune trial function (``run_data_parallel``). The trial
+function itself holds no CPU (it only waits), the trainer reserves one placement group for its
+workers; each worker runs the same ``run_trial`` with a ``TorchDistributed`` (see
+orchestrator/distributed.py). Rank 0's reports and checkpoints are forwarded to Tune as they
+come, so Tune holds a real checkpoint for every epoch: a retried or restored trial resumes from
+it exactly as a one-worker trial does."""
 from __future__ import annotations
 
 import logging
+import threading
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+import pyarrow.fs
+import torch
 from ray import tune
 
 from orchestrator.records import FAILED, TrialRecord, save_record
 from orchestrator.spec import SweepSpec
-from orchestrator.trial import run_trial
+from orchestrator.trial import CHECKPOINT_FILE, final_metrics, new_record, run_trial
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +39,194 @@ class TuneReporter:
         tune.report(metrics, checkpoint=checkpoint)
 
     def restore(self) -> Path | None:
-        checkpoint = tune.get_checkpoint()
+        checkpoint = latest_checkpoint()
         return Path(checkpoint.to_directory()) if checkpoint is not None else None
 
 
+def latest_checkpoint() -> tune.Checkpoint | None:
+    """The newest readable checkpoint this trial persisted, else Tune's.
+
+    Tune knows a trial's checkpoints from its experiment state, saved every ~10 s; a driver
+    killed in between restores trials whose newest checkpoints it does not know (an
+    interrupted trial would start over, a finished one would be evaluated again). The trial's
+    folder in the storage does know them: the newest file wins (Tune reuses checkpoint names
+    after such a restore, so names do not order them), a truncated copy is passed over."""
+    known = tune.get_checkpoint()
+    try:
+        storage = tune.get_context().get_storage()
+        fs, root = storage.storage_filesystem, storage.trial_fs_path
+        entries = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+        files = [fs.get_file_info(f"{e.path}/{CHECKPOINT_FILE}") for e in entries
+                 if e.type == pyarrow.fs.FileType.Directory and e.base_name.startswith("checkpoint_")]
+    except (OSError, AttributeError, ValueError) as e:
+        log.warning("cannot list this trial's checkpoints (%s); using Tune's", e)
+        return known
+    files = [f for f in files if f.type == pyarrow.fs.FileType.File and f.size]
+    for f in sorted(files, key=lambda f: f.mtime_ns or 0, reverse=True):
+        candidate = tune.Checkpoint(f.path.rsplit("/", 1)[0], fs)
+        if _readable(candidate):
+            return candidate
+    return known
+
+
+def _readable(checkpoint: tune.Checkpoint) -> bool:
+    try:
+        with checkpoint.as_directory() as d:
+            torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        return True
+    except Exception as e:  # a copy cut short by a kill: EOF, unpickling errors, ...
+        log.warning("skipping unreadable checkpoint %s: %s", checkpoint.path, e)
+        return False
+
+
 def tune_trial(config: dict[str, Any], defense: str, spec: dict[str, Any], run_dir: str,
-               run_id: str) -> None:
-    """The Tune function trainable: the search algorithm fills ``config["hp"]``."""
+               run_id: str, storage: str = "") -> None:
+    """The Tune function trainable: the search algorithm fills ``config["hp"]``. ``storage``:
+    where data-parallel trials keep their Ray Train runs (the sweep's storage path)."""
     logging.basicConfig(level=logging.INFO)
-    run_trial({"defense": defense, "hp": config["hp"], "spec": spec, "run_dir": run_dir,
-               "run_id": run_id}, reporter=TuneReporter())
+    trial = {"defense": defense, "hp": config["hp"], "spec": spec, "run_dir": run_dir, "run_id": run_id}
+    parsed = SweepSpec.model_validate(spec)
+    if parsed.resources.workers_per_trial > 1:
+        run_data_parallel(trial, parsed, storage or str(Path(run_dir) / "tune"))
+    else:
+        run_trial(trial, reporter=TuneReporter())
+
+
+# ------------------------------------------------------------------ data-parallel trials
+class TrainReporter:
+    """Reports from one Ray Train worker. Every rank reports (Ray Train's report is a barrier
+    across ranks); only rank 0 passes a checkpoint. Resumes from the run's own latest
+    checkpoint, else from the Tune checkpoint the trial was restarted with."""
+
+    def __init__(self, trial_id: str, resume_from: tune.Checkpoint | None):
+        self.trial_id = trial_id
+        self.resume_from = resume_from
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def restore(self) -> Path | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint() or self.resume_from
+        return Path(checkpoint.to_directory()) if checkpoint is not None else None
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """The function every Ray Train worker runs: ``run_trial`` as one rank."""
+    import ray.train
+    import ray.train.torch
+
+    from orchestrator.distributed import TorchDistributed
+
+    logging.basicConfig(level=logging.INFO)
+    r = SweepSpec.model_validate(config["spec"]).resources
+    device = ray.train.torch.get_device() if r.gpus_per_trial > 0 else torch.device("cpu")
+    run_trial(config, reporter=TrainReporter(config["trial_id"], config.get("resume_from")),
+              parallel=TorchDistributed(device, sync_batchnorm=r.sync_batchnorm))
+
+
+def _forward_to_tune_callback(queue):
+    from ray.train import UserCallback
+
+    class ForwardToTune(UserCallback):
+        """Runs in the Ray Train controller: hands rank 0's metrics (already reduced over the
+        ranks) and the persisted checkpoint to the Tune trial function. The queue holds one
+        item, so training waits while Tune copies the previous checkpoint."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            queue.put((metrics[0], checkpoint))
+
+    return ForwardToTune()
+
+
+def run_data_parallel(trial: dict[str, Any], spec: SweepSpec, storage: str) -> None:
+    """Train one trial with a ``TorchTrainer`` of ``workers_per_trial`` workers, from inside a
+    Tune trial function, relaying its reports and checkpoints to Tune."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    r = spec.resources
+    trial_id = tune.get_context().get_trial_id()
+    use_gpu = r.gpus_per_trial > 0
+    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    name = f"{trial_id}-{uuid.uuid4().hex[:6]}"  # one Train run per attempt: no stale state
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={**trial, "trial_id": trial_id, "resume_from": latest_checkpoint()},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=r.workers_per_trial, use_gpu=use_gpu,
+            resources_per_worker={"CPU": r.cpus_per_trial, **({"GPU": r.gpus_per_trial} if use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=f"{storage.rstrip('/')}/_train",
+            # retries belong to Tune (the sweep's max_failures), which restarts from its checkpoint
+            failure_config=ray.train.FailureConfig(max_failures=0),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[_forward_to_tune_callback(queue)]))
+    outcome: dict[str, BaseException] = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # re-raised in the trial function's thread below
+            outcome["error"] = e
+
+    worker = threading.Thread(target=fit, name=f"fit-{trial_id}", daemon=True)
+    worker.start()
+    last_epoch = 0
+    while worker.is_alive() or not queue.empty():
+        try:
+            metrics, checkpoint = queue.get(timeout=0.5)
+        except Empty:
+            continue
+        last_epoch = int(metrics.get("epoch", last_epoch))
+        tune.report(metrics, checkpoint=tune.Checkpoint(checkpoint.path, checkpoint.filesystem)
+                    if checkpoint is not None else None)
+    worker.join()
+    _delete_train_run(f"{storage.rstrip('/')}/_train/{name}")
+    error = outcome.get("error")
+    if error is None:
+        return
+    diverged = _find_cause(error, "TrainingDiverged")
+    if diverged is None:
+        raise error
+    # deterministic, as in one process: the trial ends failed without a retry, the sweep goes on
+    record = new_record(trial, spec, trial_id)
+    record.status, record.error, record.epochs = FAILED, str(diverged), last_epoch
+    tune.report(final_metrics(record, spec.epochs))
+
+
+def _find_cause(error: BaseException, type_name: str) -> BaseException | None:
+    """The exception of class ``type_name`` that ``error`` (a Ray Train failure, which holds
+    each worker's exception, possibly wrapped) comes from, if any."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if type(e).__name__ == type_name:
+            return e
+        todo.extend(getattr(e, "worker_failures", {}).values())
+        todo.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
+    return None
+
+
+def _delete_train_run(uri: str) -> None:
+    """Tune holds copies of the checkpoints; the Train run's own folder is scratch."""
+    import pyarrow.fs
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+        fs.delete_dir(path)
+    except (OSError, ValueError) as e:
+        log.warning("could not delete the scratch Train run %s: %s", uri, e)
 
 
 class RecordWriter(tune.Callback):
@@ -58,7 +249,7 @@ class RecordWriter(tune.Callback):
         # The final checkpoint is persisted just after the final result: point the record at it.
         record = self._final.get(trial.trial_id)
         if record is not None:
-            record.checkpoint = checkpoint.path
+            record.checkpoint = checkpoint_uri(checkpoint)
             save_record(self.run_dir, record)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -70,7 +261,15 @@ class RecordWriter(tune.Callback):
                 model=self.spec.model, seed=self.spec.seed, hp=dict(trial.config.get("hp", {})),
                 status=FAILED, error=error_reason(trial), run_id=self.run_id)
             self._final[trial.trial_id] = record
-            save_record(self.run_dir, record)
+        # how many times it ran and failed: 1 + the retries FailureConfig allowed
+        record.metrics = {**record.metrics, "failures": float(trial.num_failures)}
+        save_record(self.run_dir, record)
+
+
+def checkpoint_uri(checkpoint) -> str:
+    """A checkpoint's location as a user can open it: a path, or scheme://path off this machine."""
+    kind = getattr(checkpoint.filesystem, "type_name", "local")
+    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
 
 
 def _samplers() -> dict[str, Callable[[int], Any]]:

@@ -1,0 +1,226 @@
+"""Data-parallel trials: N ranks with global batch B take the steps one process takes with
+batch B, for defenses that call the model in every way adversarial training does; the same
+through a real Ray Train ``TorchTrainer`` inside a Tune sweep; resources checked up front.
+
+Tolerance: 1e-5 absolute on every weight and buffer after one epoch of 3-4 SGD steps (the
+ranks sum their gradients in another order than one process does; observed differences are
+~1e-7). The mechanics test runs its models in float64: sign-gradient attacks (PGD, the TRADES
+maximization) turn a last-bit difference of a near-zero input gradient - which float32 kernels
+make when the batch size changes - into a flipped step, so in float32 adversarial training is
+equivalent only up to such flips, whatever the parallelization."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import yaml
+
+from defenses import data as data_lib
+from defenses import models, registry
+from defenses.base import ThreatModel
+from orchestrator import sweep
+from orchestrator.distributed import TorchDistributed, convert_sync_batchnorm, shard_bounds
+from orchestrator.spec import SpecError, parse
+from orchestrator.trial import LocalReporter, SingleProcess, TrialSetup, run_trial, train
+
+TOL = 1e-5
+N_TRAIN, BATCH, HOLDOUT = 120, 41, 32  # batches of 41, 41, 38: shards of 21/20, 19/19
+# (defense, model, SyncBatchNorm): the plain loss; PGD forwards with frozen parameters; two
+# train-mode forwards before one backward (TRADES); an input gradient taken in train mode
+# (FGSM-RS: collectives in a forward and in a backward that reaches no parameter). BatchNorm
+# models synchronize their statistics over the global batch.
+CASES = [("standard", "small_cnn", True), ("pgd_at", "tiny", False),
+         ("trades", "small_cnn", True), ("fgsm_rs", "small_cnn", True)]
+
+
+class Float64(nn.Module):
+    """The images stay float32 (the data pipeline's); the model computes in float64."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.double()
+
+    def forward(self, x):
+        return self.model(x.double())
+
+
+@functools.lru_cache(maxsize=1)
+def mnist():
+    return data_lib.load("mnist5k")
+
+
+class TinyNoBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2), nn.ReLU(), nn.Flatten(),
+                                 nn.Linear(8 * 13 * 13, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+# The defenses draw random starts per example; drawn from an RNG they depend on how a batch
+# is split. For the comparison they are made a function of the example itself (of its pixel
+# values and positions: the same value everywhere would make max-pooling ties, whose winner
+# a last-bit difference picks).
+def _pattern(x, scale: float, shift: float) -> torch.Tensor:
+    position = torch.arange(x[0].numel(), dtype=x.dtype, device=x.device).view_as(x[0])
+    return torch.sin(x * scale + position * 1.7 + shift)
+
+
+def _start(x, eps, generator=None):
+    return (x + eps * _pattern(x, 917.0, 3.0)).clamp(0.0, 1.0) - x
+
+
+def _noise_like(x, **kwargs):
+    return _pattern(x, 411.0, 1.0)
+
+
+def patch_randomness(setattr_):
+    import importlib
+
+    import defenses.fgsm_rs
+    import defenses.trades
+
+    setattr_(importlib.import_module("defenses.attacks.pgd"), "random_start", _start)
+    setattr_(defenses.fgsm_rs, "random_start", _start)
+    setattr_(defenses.trades.torch, "randn_like", _noise_like)
+
+
+def make_setup(defense: str, model_kind: str, sync: bool, parallel) -> TrialSetup:
+    torch.manual_seed(0)
+    ds = mnist()
+    data = dataclasses.replace(ds, train_x=ds.train_x[:N_TRAIN], train_y=ds.train_y[:N_TRAIN])
+    model = Float64(TinyNoBN() if model_kind == "tiny" else models.build("small_cnn", 10, 1))
+    if sync and parallel.world_size == 1:
+        convert_sync_batchnorm(model)  # a no-op alone: the reference is plain BatchNorm
+    model = parallel.prepare_model(model)
+    cls = registry.get(defense)
+    d = cls(model, cls.make_params({}), ThreatModel(eps=0.3, train_steps=3))
+    opt = parallel.wrap_optimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    holdout = None
+    if cls.holdout_size:
+        holdout = (data_lib.as_float(ds.train_x[N_TRAIN:N_TRAIN + HOLDOUT]), ds.train_y[N_TRAIN:N_TRAIN + HOLDOUT])
+    spec = parse({"defenses": [defense], "batch_size": BATCH, "seed": 0})
+    return TrialSetup(spec, defense, {}, torch.device("cpu"), data, holdout, d, opt, None)
+
+
+def _rank_main(rank: int, world: int, init_file: str, out: str) -> None:
+    """One rank of a gloo group on this machine (what Ray Train sets up on a cluster)."""
+    torch.set_num_threads(1)
+    patch_randomness(setattr)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        for defense, kind, sync in CASES:
+            parallel = TorchDistributed(torch.device("cpu"), sync_batchnorm=sync)
+            s = make_setup(defense, kind, sync, parallel)
+            train(s, 1, parallel=parallel)
+            torch.save(s.defense.model.state_dict(), Path(out) / f"{defense}-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_take_the_steps_of_one_process(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    patch_randomness(monkeypatch.setattr)
+    mp.start_processes(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    for defense, kind, sync in CASES:
+        s = make_setup(defense, kind, sync, SingleProcess())
+        train(s, 1)
+        ref = s.defense.model.state_dict()
+        for rank in (0, 1):
+            got = torch.load(tmp_path / f"{defense}-rank{rank}.pt", weights_only=True)
+            for k, v in ref.items():
+                diff = (got[k].double() - v.double()).abs().max().item()
+                assert diff <= TOL, (defense, rank, k, diff)
+        # and the steps were real: the weights moved
+        fresh = make_setup(defense, kind, sync, SingleProcess()).defense.model.state_dict()
+        assert any((fresh[k] - ref[k]).abs().max() > 1e-3 for k in ref if ref[k].is_floating_point())
+
+
+def test_shards_cover_each_batch_once():
+    for n in (1, 7, 40, 41):
+        for world in (1, 2, 3):
+            if n < world:
+                continue
+            bounds = [shard_bounds(n, r, world) for r in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            assert max(hi - lo for lo, hi in bounds) - min(hi - lo for lo, hi in bounds) <= 1
+
+
+# ------------------------------------------------------------------ through Ray Train
+# float32 and BatchNorm: the gradients of a global batch and of its shards differ by up to
+# ~1e-4 relative (BatchNorm's backward subtracts batch means, summed in another order), and a
+# few SGD steps amplify that; the 4 steps below end ~1e-5 apart (measured), while training each
+# rank on its own shard without the all-reduce moves the weights apart by ~1e-2.
+TOL_FLOAT32 = 1e-4
+GOOD_LR = 0.01
+TINY = {"name": "ddp", "epochs": 1, "train_samples": 200, "eval_samples": 40, "batch_size": 50,
+        "optimizer": {"name": "sgd", "lr": GOOD_LR}, "search": "random",
+        "threat_model": {"eps": 0.3, "attacks": ["fgsm"], "train_steps": 2}}
+
+
+def write_spec(tmp_path, **over):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({**TINY, **over}))
+    return str(path)
+
+
+def test_data_parallel_trials_in_a_sweep(ray_session, tmp_path):
+    """Two trials of 2 gloo workers each inside Tune: one trains (its weights are those of one
+    process with the same global batch), one diverges (failed with its reason, no retry,
+    the sweep completes)."""
+    resources = {"workers_per_trial": 2, "cpus_per_trial": 1, "sync_batchnorm": True}
+    spec = write_spec(tmp_path, resources=resources, defenses={
+        "standard": {"trials": 2, "space": {"lr": [GOOD_LR, 1e12]}}})
+    out = tmp_path / "out"
+    assert sweep.main(["--spec", spec, "--out", str(out), "--no-dashboard"]) == 0
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 2
+    ok, bad = trials[trials["hp.lr"] == GOOD_LR], trials[trials["hp.lr"] == 1e12]
+    assert len(ok) == len(bad) == 1  # the seeded random search draws each lr once
+    assert (ok.status == "completed").all() and (bad.status == "failed").all()
+    assert bad.error.str.contains("nan").all()
+    got = torch.load(Path(ok.checkpoint.iloc[0]) / "checkpoint.pt", weights_only=True)["model"]
+
+    one = parse({**TINY, "defenses": ["standard"]})
+    rep = LocalReporter(tmp_path / "single", "single")
+    rec = run_trial({"defense": "standard", "hp": {"lr": GOOD_LR}, "spec": one}, reporter=rep)
+    ref = torch.load(rep.checkpoint_dir / "checkpoint.pt", weights_only=True)["model"]
+    diffs = {k: (got[k].double() - v.double()).abs().max().item() for k, v in ref.items()}
+    assert max(diffs.values()) <= TOL_FLOAT32, diffs
+    assert ok.clean_acc.iloc[0] == pytest.approx(rec.clean_acc, abs=1 / 40)
+
+
+@pytest.mark.parametrize("resources,needle", [
+    ({"workers_per_trial": 3}, "workers_per_trial=3"),
+    ({"workers_per_trial": 2, "cpus_per_trial": 2}, "workers_per_trial=2 needs 4 CPUs"),
+])
+def test_more_workers_than_cpus_exits_2_before_ray(tmp_path, capsys, monkeypatch, resources, needle):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ray.init")))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    spec = write_spec(tmp_path, resources=resources, defenses=["standard"])
+    assert sweep.main(["--spec", spec, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_ranks_of_a_trial_cannot_share_a_gpu():
+    with pytest.raises(SpecError, match="cannot share a GPU"):
+        parse({"defenses": ["standard"], "resources": {"workers_per_trial": 2, "gpus_per_trial": 0.5}})
+    with pytest.raises(SpecError, match="exceeds batch_size"):
+        parse({"defenses": ["standard"], "batch_size": 2, "resources": {"workers_per_trial": 3}})

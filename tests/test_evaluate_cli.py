@@ -1,0 +1,135 @@
+"""python -m orchestrator.evaluate: a checkpoint re-evaluated, bad input as one line with exit
+code 2, and the sweep's final evaluation of the front."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from defenses import masking
+from orchestrator import evaluate as cli
+from orchestrator.records import TrialRecord, load_records, save_record
+from orchestrator.spec import parse
+from orchestrator.trial import build_setup, save_checkpoint, train
+
+SPEC = {"name": "cli", "dataset": "mnist5k", "model": "small_cnn", "epochs": 1,
+        "train_samples": 100, "eval_samples": 20, "batch_size": 50,
+        "threat_model": {"eps": 0.3, "attacks": ["fgsm"], "train_steps": 2, "eval_eps": [0.1],
+                         "masking_samples": 8, "final_eval": ["fgsm", "pgd-3"]},
+        "defenses": ["standard"]}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, Path]:
+    """A run dir (spec.json) holding one trial checkpoint of a barely trained standard model."""
+    run_dir = tmp_path_factory.mktemp("run")
+    spec = parse(SPEC)
+    (run_dir / "spec.json").write_text(json.dumps(spec.model_dump()))
+    s = build_setup(spec, "standard", {}, torch.device("cpu"), run_dir)
+    seconds = train(s, 1)
+    folder = run_dir / "trials" / "t0" / "checkpoint"
+    save_checkpoint(folder, s, 1, seconds)
+    return run_dir, folder
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("evaluate: error: ")
+    return err[0]
+
+
+def test_checkpoint_is_evaluated_at_every_eps_with_masking_flags(run, tmp_path, capsys):
+    _, ckpt = run
+    out = tmp_path / "report.json"
+    code = cli.main([str(ckpt), "--attacks", "fgsm,pgd-3", "--eps", "0.3,0.1", "--samples", "20",
+                     "--masking-samples", "8", "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "defense standard on mnist5k/small_cnn" in text and "gradient-masking flags" in text
+    assert [line.split()[0] for line in text.splitlines()[2:4]] == ["0.3", "0.1"]
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"0.3", "0.1"}
+    assert {"robust_acc@0.3", "acc.pgd-3@0.3", "robust_acc@0.1"} <= set(report["columns"])
+    assert set(report["flags"]) == set(masking.FLAGS)
+    r = report["results"]["0.3"]
+    assert r["n"] == 20 and r["clean_acc"] >= r["robust_acc"] == r["acc"]["pgd-3"]
+
+
+def test_the_spec_next_to_the_checkpoint_gives_the_defaults(run):
+    """No option: the run's spec.json decides attacks, ε curve, samples and masking."""
+    _, ckpt = run
+    s = cli.restore(ckpt / "checkpoint.pt")
+    espec = cli.eval_spec(s)
+    assert espec.eps == (0.3, 0.1) and espec.attacks == ("fgsm",)
+    assert espec.masking.samples == 8 and espec.masking.large_eps == 0.5
+    assert len(cli.eval_data(s, None)[1]) == 20
+    assert cli.eval_spec(s, ["standard"], [8 / 255], 0).masking is None
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--attacks", "bogus"], "unknown attack or preset 'bogus'; valid attacks: fgsm"),
+    (["--attacks", "pgd-20,apgd_ce-10x2"], "only apgd_t, fab_t take a target count"),
+    (["--preset", "strong"], "unknown preset 'strong'; valid presets: fast, standard, adaptive, paper"),
+    (["--attacks", "fgsm", "--preset", "fast"], "not both"),
+    (["--eps", "1.5"], "eps=1.5 outside [0,1]"),
+    (["--eps", "0.3,-0.1"], "outside [0,1]"),
+    (["--eps", "abc"], "not a number"),
+    (["--norm", "L2"], "does not support the L2 threat model; it supports: Linf"),
+    (["--dataset", "cifar10"], "trained on 'mnist5k', but --dataset says dataset 'cifar10'"),
+    (["--model", "preact_resnet18"], "but --model says model 'preact_resnet18'"),
+    (["--samples", "0"], "--samples=0 must be positive"),
+    (["--bogus-flag"], "unrecognized arguments"),
+])
+def test_bad_input_is_one_line_and_exit_2(run, capsys, args, match):
+    _, ckpt = run
+    assert cli.main([str(ckpt), *args]) == 2
+    assert match in one_error_line(capsys)
+
+
+def test_bad_checkpoints_are_one_line_and_exit_2(run, tmp_path, capsys):
+    run_dir, ckpt = run
+    assert cli.main([str(tmp_path / "missing")]) == 2
+    assert "not found" in one_error_line(capsys)
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    assert cli.main([str(junk)]) == 2
+    assert "unreadable" in one_error_line(capsys)
+    # the meta says small_cnn but the weights are of another shape: it does not fit the model
+    state = torch.load(ckpt / "checkpoint.pt", weights_only=True)
+    key = next(k for k in state["model"] if k.endswith("weight"))
+    state["model"][key] = torch.zeros(3, 3)
+    bad = run_dir / "trials" / "bad" / "checkpoint.pt"
+    bad.parent.mkdir(parents=True)
+    torch.save(state, bad)
+    assert cli.main([str(bad)]) == 2
+    assert "does not fit the 'small_cnn' model" in one_error_line(capsys)
+    # a spec for another dataset than the checkpoint's
+    other = tmp_path / "cifar.yaml"
+    other.write_text("dataset: cifar10\nmodel: small_cnn\ndefenses: [standard]\n")
+    assert cli.main([str(ckpt), "--spec", str(other)]) == 2
+    assert "but the spec says dataset 'cifar10'" in one_error_line(capsys)
+
+
+def test_final_evaluation_reevaluates_the_front_and_keeps_search_numbers(run):
+    run_dir, ckpt = run
+    spec = parse(SPEC)
+    save_record(run_dir, TrialRecord("a", "standard", "mnist5k", "small_cnn", 0, status="completed",
+                                     clean_acc=0.9, robust_acc=0.1, acc={"fgsm": 0.1},
+                                     checkpoint=str(ckpt), flags={"catastrophic_overfitting": False}))
+    save_record(run_dir, TrialRecord("b", "standard", "mnist5k", "small_cnn", 0, status="completed",
+                                     clean_acc=0.5, robust_acc=0.45, acc={"fgsm": 0.45}))
+    save_record(run_dir, TrialRecord("c", "standard", "mnist5k", "small_cnn", 0, status="completed",
+                                     clean_acc=0.2, robust_acc=0.05, acc={"fgsm": 0.05},
+                                     checkpoint=str(ckpt)))  # dominated: left as it is
+    done = cli.final_evaluation(run_dir, spec)
+    recs = {r.trial_id: r for r in load_records(run_dir)}
+    assert {"a", "b"} <= set(done) and "c" not in done
+    a = recs["a"]
+    assert a.metrics["final_eval"] == 1.0 and a.metrics["search.robust_acc"] == 0.1
+    assert list(a.acc) == ["fgsm", "pgd-3"] and "robust_acc@0.1" in a.curve
+    assert set(masking.FLAGS) <= set(a.flags) and "catastrophic_overfitting" in a.flags
+    assert recs["b"].metrics["final_eval"] == 0.0   # no checkpoint: kept, and marked
+    assert recs["c"].metrics == {} and recs["c"].acc == {"fgsm": 0.05}
