@@ -171,3 +171,15 @@ class LossDefense(Defense):
             total += loss.detach() * len(y)
             n += len(y)
         return {"loss": (total / max(n, 1)).item()}
+
+
+def predict_labels(defense: Defense, x: torch.Tensor, batch_size: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax of ``defense.predict``, rejected) for every input, batched, under no_grad."""
+    preds, rejected = [], []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            logits, rej = defense.predict(x[i:i + batch_size])
+            preds.append(logits.argmax(1))
+            rejected.append(rej if rej is not None else torch.zeros_like(preds[-1], dtype=torch.bool))
+    return torch.cat(preds), torch.cat(rejected)

@@ -54,7 +54,7 @@ from defenses import attacks as attack_lib
 from defenses import masking as masking_lib
 from defenses.attacks import Attack, check_images, frozen_eval
 from defenses.attacks.external import TorchAttacks, _num_classes
-from defenses.base import Defense
+from defenses.base import Defense, predict_labels
 
 log = logging.getLogger(__name__)
 
@@ -285,21 +285,6 @@ class EvalResult:
     seconds: float
     eps: float = math.nan
     robust_mask: torch.Tensor | None = None  # bool per input: survived every attack (CPU)
-
-
-def predict_labels(defense: Defense, x: torch.Tensor, batch_size: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(argmax of ``defense.predict``, rejected) for every input, under no_grad."""
-    preds, rejected = [], []
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            logits, rej = defense.predict(x[i:i + batch_size])
-            preds.append(logits.argmax(1))
-            rejected.append(rej if rej is not None else torch.zeros_like(preds[-1], dtype=torch.bool))
-    return torch.cat(preds), torch.cat(rejected)
-
-
-_predict = predict_labels  # the name earlier callers used
 
 
 def benchmark(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float,

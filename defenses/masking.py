@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 
 from defenses.attacks import PGD, Attack, frozen_eval
+from defenses.base import predict_labels
 from defenses.attacks import make as make_attack
 from defenses.attacks.pgd import cw_margin_loss
 
@@ -107,23 +108,13 @@ def surrogate_of(defense: "Defense") -> nn.Module | None:
 
 # ---------------------------------------------------------------- helpers
 
-def _labels(defense: "Defense", x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    preds, rejected = [], []
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            logits, rej = defense.predict(x[i:i + batch_size])
-            preds.append(logits.argmax(1))
-            rejected.append(rej if rej is not None else torch.zeros_like(preds[-1], dtype=torch.bool))
-    return torch.cat(preds), torch.cat(rejected)
-
-
 def _survivors(defense, attack: Attack, x, y, batch_size: int, judge_rejection: bool = True
                ) -> torch.Tensor:
     """Bool per point: still correct (or rejected, with ``judge_rejection``) after ``attack``."""
     out = []
     for i in range(0, len(x), batch_size):
         adv = attack(x[i:i + batch_size], y[i:i + batch_size])
-        pred, rej = _labels(defense, adv, batch_size)
+        pred, rej = predict_labels(defense, adv, batch_size)
         ok = pred == y[i:i + batch_size]
         out.append(ok | rej if judge_rejection else ok)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=x.device)
@@ -162,7 +153,7 @@ def check(defense: "Defense", x: torch.Tensor, y: torch.Tensor,
     flags: dict[str, bool] = {}
     ev: dict[str, float] = {}
     with frozen_eval(defense.model):
-        pred, rej = _labels(defense, x[:cfg.samples], batch_size)
+        pred, rej = predict_labels(defense, x[:cfg.samples], batch_size)
         correct = ((pred == y[:cfg.samples]) & ~rej).nonzero().squeeze(1)
         xc, yc = x[correct], y[correct]
         clean_frac = primary.clean_acc
@@ -266,7 +257,7 @@ def _gradient_check(defense, xc, yc, cfg, ev) -> bool:
 def _stability_check(defense, x, pred, rej, cfg, batch_size, ev) -> bool:
     changed = torch.zeros_like(pred, dtype=torch.bool)
     for _ in range(cfg.repeats):
-        p, r = _labels(defense, x, batch_size)
+        p, r = predict_labels(defense, x, batch_size)
         changed |= (p != pred) | (r != rej)
     frac = float(changed.float().mean()) if len(pred) else 0.0
     ev["masking.unstable_frac"] = frac

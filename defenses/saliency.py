@@ -44,11 +44,9 @@ def capture_activation(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
         handle.remove()
 
 
-def grad_cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None,
-             create_graph: bool = False) -> torch.Tensor:
-    """Grad-CAM (Selvaraju et al.) at the model's attention layer: ReLU(Σ_k w_k A^k) with
-    w_k the spatial mean of ∂Φ_target/∂A^k. Returns (N, h, w) before upsampling, not
-    normalized. With ``create_graph`` the map is differentiable w.r.t. the parameters."""
+def _activation_and_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None,
+                             create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, ∂Φ_target/∂A) at the model's attention layer, for the CAM family."""
     if not x.requires_grad:
         # a frozen model (requires_grad False everywhere) would leave A outside the graph
         x = x.detach().requires_grad_(True)
@@ -56,6 +54,15 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = No
         logits = model(x)
         act = store["act"]
         grads, = torch.autograd.grad(_score(logits, target), act, create_graph=create_graph)
+    return act, grads
+
+
+def grad_cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None,
+             create_graph: bool = False) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al.) at the model's attention layer: ReLU(Σ_k w_k A^k) with
+    w_k the spatial mean of ∂Φ_target/∂A^k. Returns (N, h, w) before upsampling, not
+    normalized. With ``create_graph`` the map is differentiable w.r.t. the parameters."""
+    act, grads = _activation_and_gradient(model, x, target, create_graph)
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * act).sum(1))
     return cam if create_graph else cam.detach()
@@ -157,13 +164,7 @@ def grad_cam_pp(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None =
     a^k_ij = g² / (2g² + Σ_ab A^k_ab · g³) (0 where the denominator is 0): the closed form
     for an exponential score, evaluated with the logit's first derivative as in the authors'
     code. Returns (N, h, w) before upsampling, not normalized."""
-    if not x.requires_grad:
-        # a frozen model (requires_grad False everywhere) would leave A outside the graph
-        x = x.detach().requires_grad_(True)
-    with torch.enable_grad(), capture_activation(model) as store:
-        logits = model(x)
-        act = store["act"]
-        grads, = torch.autograd.grad(_score(logits, target), act, create_graph=create_graph)
+    act, grads = _activation_and_gradient(model, x, target, create_graph)
     g2 = grads.pow(2)
     denom = 2 * g2 + act.sum(dim=(2, 3), keepdim=True) * grads.pow(3)
     safe = torch.where(denom != 0, denom, torch.ones_like(denom))

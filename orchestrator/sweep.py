@@ -100,13 +100,7 @@ def check_out_dir(out: Path, resume: bool) -> None:
     if not resume and earlier:
         raise InputError(f"output dir {out} holds an earlier run; pass --resume to continue it or "
                          "choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{uuid.uuid4().hex[:6]}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise InputError(f"output dir {out} is not writable ({e.strerror}); choose another --out") from None
+    _check_writable(out, f"output dir {out}", "--out")
 
 
 def existing_cluster(address: str | None) -> str | None:
@@ -187,6 +181,17 @@ def concurrent_trials(spec: SweepSpec, cpus: float, gpus: float) -> int | None:
     return max(1, min(fit, r.max_concurrent or fit))
 
 
+def _check_writable(folder: Path, what: str, option: str) -> None:
+    """Create ``folder`` and write a probe file in it: InputError naming ``option`` if not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{uuid.uuid4().hex[:6]}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"{what} is not writable ({e.strerror}); choose another {option}") from None
+
+
 def check_storage(storage: str) -> str:
     """The storage path as Tune takes it (an absolute path or a URI), after writing a probe
     file there: an unreachable or read-only storage stops the sweep before it starts."""
@@ -194,14 +199,7 @@ def check_storage(storage: str) -> str:
 
     if "://" not in storage:
         path = Path(storage).expanduser().resolve()
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            probe = path / f".write-test-{uuid.uuid4().hex[:6]}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise InputError(f"storage path {storage} is not writable ({e.strerror}); choose another "
-                             "--storage-path") from None
+        _check_writable(path, f"storage path {storage}", "--storage-path")
         return str(path)
     try:
         fs, root = pyarrow.fs.FileSystem.from_uri(storage)
