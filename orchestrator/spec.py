@@ -252,8 +252,6 @@ def space_module(defense: str):
 def build_space(spec: SweepSpec, defense: str) -> dict[str, Any]:
     """The Tune search space of ``defense``: search_spaces/<defense>.py unless the spec gives
     ``space``. Every fixed value and every range end is checked against the defense first."""
-    from ray import tune
-
     override = spec.defenses[defense].space
     if override is None:
         space = dict(space_module(defense).SPACE)

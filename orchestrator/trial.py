@@ -1,7 +1,7 @@
 """``run_trial(config)``: the one training loop of a trial, with or without Ray.
 
 Build data, model and defense from the registry; train epoch by epoch, checkpointing and
-reporting after each (so Tune can resume a trial); evaluate with ``defenses.evaluate.benchmark``;
+reporting after each (so Tune can resume a trial); evaluate with ``defenses.evaluate.evaluate``;
 report the final ``TrialRecord``. A reporter decides where reports and checkpoints go: Tune's
 session in a sweep, Ray Train's in a data-parallel trial, a local folder from plain Python
 (tests, notebooks). A ``Parallel`` decides how the loop is spread over processes: one process
@@ -30,7 +30,6 @@ from defenses import data as data_lib
 from defenses import models as model_lib
 from defenses import registry
 from defenses.base import Defense, TrainingDiverged
-from defenses.evaluate import benchmark
 from orchestrator.records import COMPLETED, FAILED, TrialRecord
 from orchestrator.spec import SweepSpec, split_hp
 

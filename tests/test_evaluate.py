@@ -6,8 +6,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from defenses import evaluate as ev
 from defenses.attacks import PGD
@@ -36,19 +34,6 @@ class Plain(Defense):
 
     def adaptive_attacks(self, eps):
         return self.extra(eps)
-
-
-@pytest.fixture(scope="module")
-def linear(mnist):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
-    opt = torch.optim.Adam(model.parameters(), 0.02)
-    x, y = mnist.train_x[:1000], mnist.train_y[:1000]
-    for _ in range(80):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

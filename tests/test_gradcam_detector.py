@@ -1,5 +1,4 @@
 """Grad-CAM inconsistency detector (Ye et al.): behaviour the issue lists."""
-import dataclasses
 
 import pytest
 import torch

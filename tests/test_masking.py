@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from defenses import masking
 from defenses.base import Defense, ThreatModel
@@ -49,20 +48,6 @@ class Wrapped(Defense):
         if self.noise:  # a randomized defense: fresh noise at every call
             x = (x + self.noise * torch.randn_like(x)).clamp(0, 1)
         return Prediction(self.net(x))
-
-
-@pytest.fixture(scope="module")
-def linear(mnist):
-    """A linear classifier (≈85 % clean, no robustness at ε = 0.3), trained in seconds."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
-    opt = torch.optim.Adam(model.parameters(), 0.02)
-    x, y = mnist.train_x[:1000], mnist.train_y[:1000]
-    for _ in range(80):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
