@@ -173,7 +173,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "threat_model": {"eps": 0.3, "attacks": ["fgsm", "pgd-10"], "train_steps": 3},
         "defenses": {"standard": {"trials": 2}, "pgd_at": {"trials": 2}},
     },
-    # the embedded default: every registered defense, two configurations each, ≤ 10 min here
+    # the embedded default: every registered defense, two configurations each (~20 min on 2 CPU cores)
     "default": {
         "name": "default", "dataset": "mnist5k", "model": "small_cnn", "epochs": 3,
         "train_samples": 2000, "eval_samples": 500, "batch_size": 100,
