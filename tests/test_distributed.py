@@ -163,9 +163,11 @@ def test_shards_cover_each_batch_once():
 # ------------------------------------------------------------------ through Ray Train
 # float32 and BatchNorm: the gradients of a global batch and of its shards differ by up to
 # ~1e-4 relative (BatchNorm's backward subtracts batch means, summed in another order), and a
-# few SGD steps amplify that; the 4 steps below end ~1e-5 apart (measured), while training each
-# rank on its own shard without the all-reduce moves the weights apart by ~1e-2.
-TOL_FLOAT32 = 1e-4
+# few SGD steps amplify that; the 4 steps below end ~1e-5 apart in the default memory format
+# and up to ~2.5e-4 apart in channels-last (what trials use: its oneDNN kernels block a batch
+# of 25 and one of 50 differently), while training each rank on its own shard without the
+# all-reduce moves the weights apart by ~1e-2. Exact equality is checked in float64 above.
+TOL_FLOAT32 = 1e-3
 GOOD_LR = 0.01
 TINY = {"name": "ddp", "epochs": 1, "train_samples": 200, "eval_samples": 40, "batch_size": 50,
         "optimizer": {"name": "sgd", "lr": GOOD_LR}, "search": "random",
