@@ -100,6 +100,11 @@ class Defense(abc.ABC):
         return None
 
     @classmethod
+    def check_run(cls, params: Any, dataset: str, model: str) -> None:
+        """Raise DefenseConfigError when ``params`` cannot serve a sweep on this dataset and
+        model (e.g. a saved detector trained for another classifier); checked before Ray."""
+
+    @classmethod
     def check_model(cls, model: nn.Module) -> None:
         """Raise DefenseConfigError when the defense cannot work on this architecture (e.g. SAD
         without BatchNorm, Grad-CAM without an attention layer); checked before Ray starts."""

@@ -455,6 +455,20 @@ class SaliencyDetector(GuardDetector):
         if p.detector_checkpoint:
             cls._check_checkpoint_file(p)
 
+    @classmethod
+    def check_run(cls, p: SaliencyDetectorParams, dataset: str, model: str) -> None:
+        """A saved detector for another dataset or architecture stops the sweep before Ray; one
+        for the same architecture but other weights is caught in ``setup`` (the guarded
+        classifier's fingerprint is only known once the run has trained it)."""
+        if not p.detector_checkpoint:
+            return
+        saved = cls._check_checkpoint_file(p).get("classifier", {})
+        if (saved.get("dataset"), saved.get("model")) != (dataset, model):
+            raise DefenseConfigError(
+                f"saliency_detector: detector_checkpoint {p.detector_checkpoint!r} was trained for "
+                f"classifier {saved.get('model')}/{saved.get('dataset')}, not this sweep's "
+                f"{model}/{dataset}; train one for it or drop detector_checkpoint")
+
     @staticmethod
     def _check_checkpoint_file(p: SaliencyDetectorParams) -> dict[str, Any]:
         path = Path(p.detector_checkpoint)

@@ -319,6 +319,7 @@ def _check_values(spec: SweepSpec, defense: str, space: dict[str, Any]) -> None:
                 raise SpecError(f"spec error at defenses.{defense}.space.{k}: must be a number > 0, got {v!r}")
         try:
             params = cls.make_params(params)
+            cls.check_run(params, spec.dataset, spec.model)
             request = cls.base_model(params)
         except (DefenseConfigError, TypeError) as e:
             raise SpecError(f"spec error at defenses.{defense}: {e}") from None

@@ -236,6 +236,17 @@ def test_detector_checkpoint_for_another_classifier_is_a_config_error(mnist, bas
     with pytest.raises(DefenseConfigError, match="holds a 'id' detector, not 'spd'"):
         SaliencyDetector.make_params({"detector": "spd", "detector_checkpoint": str(saved)})
 
+    # in a sweep, a detector saved for another dataset/architecture stops the spec before Ray
+    from orchestrator.spec import SpecError, parse
+
+    space = {"detector": ["id"], "detector_checkpoint": [str(saved)]}
+    parse({"dataset": "mnist5k", "model": "small_cnn", "defenses": {"saliency_detector": {"space": space}}})
+    with pytest.raises(SpecError, match=r"trained for classifier small_cnn/mnist5k, not this "
+                                        r"sweep's preact_resnet18/mnist5k") as err:
+        parse({"dataset": "mnist5k", "model": "preact_resnet18",
+               "defenses": {"saliency_detector": {"space": space}}})
+    assert "\n" not in str(err.value)
+
 
 # --- the registered defense in a real trial ----------------------------------------------------
 
