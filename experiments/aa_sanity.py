@@ -1,0 +1,59 @@
+"""Issue 10's sanity check on a longer-trained PGD-AT: is AutoAttack within a few points of
+PGD-40? Trains pgd_at through the trial code (mnist5k, all 4,000 training images, PGD-10,
+10 epochs), then evaluates the first N test images with PGD-40, PGD-40 × 5 restarts and a
+reduced AutoAttack cascade (APGD-CE-50, APGD-T-50×3, FAB-T-50×3, Square-500).
+
+    python experiments/aa_sanity.py [--epochs 10] [--samples 200] [--run-dir runs/aa_sanity]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from defenses import data as data_lib  # noqa: E402
+from defenses.attacks import PGD  # noqa: E402
+from defenses.evaluate import benchmark  # noqa: E402
+from orchestrator.spec import parse  # noqa: E402
+from orchestrator.trial import build_setup, train  # noqa: E402
+
+REDUCED_AA = ["apgd_ce-50", "apgd_t-50x3", "fab_t-50x3", "square-500"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--samples", type=int, default=200)
+    p.add_argument("--run-dir", default="runs/aa_sanity")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    spec = parse({"name": "aa-sanity", "dataset": "mnist5k", "model": "small_cnn",
+                  "epochs": args.epochs, "batch_size": 100, "optimizer": {"name": "adam", "lr": 1e-3},
+                  "threat_model": {"eps": 0.3, "attacks": ["pgd-40"], "train_steps": 10},
+                  "defenses": ["pgd_at"]})
+    t0 = time.perf_counter()
+    s = build_setup(spec, "pgd_at", {"clean_weight": 0.0}, torch.device("cpu"), Path(args.run_dir))
+    train(s, spec.epochs)
+    out: dict = {"train_s": round(time.perf_counter() - t0, 1)}
+    x = data_lib.as_float(s.data.test_x[:args.samples])
+    y = s.data.test_y[:args.samples]
+    lists = {"pgd-40": ["pgd-40"],
+             "pgd-40 x5 restarts": [PGD(s.defense.predictor(), 0.3, steps=40, restarts=5)],
+             "reduced AutoAttack": REDUCED_AA}
+    for name, attacks in lists.items():
+        torch.manual_seed(0)
+        r = benchmark(s.defense, x, y, 0.3, attacks, batch_size=args.samples, adaptive=False)
+        out[name] = {"clean": r.clean_acc, "robust": r.robust_acc, "acc": r.acc}
+        print(f"{name}: clean {r.clean_acc:.1%}, robust {r.robust_acc:.1%} {r.acc}", flush=True)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
