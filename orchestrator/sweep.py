@@ -246,7 +246,7 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
     from rich.console import Console
 
     from orchestrator.dashboard import Dashboard
-    from orchestrator.tune_adapter import RecordWriter, make_searcher, tune_trial
+    from orchestrator.tune_adapter import RecordWriter, close_orphan_trials, make_searcher, tune_trial
 
     import optuna
 
@@ -294,6 +294,7 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
             if len(finished) < spec.trials_for(defense):
                 interrupted = True
                 break
+            close_orphan_trials(spec, defense, out)
     except KeyboardInterrupt:
         interrupted = True
     finally:

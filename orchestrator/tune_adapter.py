@@ -283,6 +283,30 @@ def _samplers() -> dict[str, Callable[[int], Any]]:
     }
 
 
+def close_orphan_trials(spec: SweepSpec, defense: str, run_dir: Path) -> int:
+    """Mark FAIL the Optuna trials of ``defense``'s study still RUNNING once its Tuner has
+    finished every trial. A driver killed after asking for a configuration (stored at once in
+    SQLite) but before Tune saved its searcher state leaves such a trial: the resumed searcher
+    asks again, and the orphan would otherwise stay RUNNING forever. Returns how many."""
+    import optuna
+
+    db = Path(run_dir).resolve() / "optuna.db"
+    if not db.is_file():
+        return 0
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    try:
+        study = optuna.load_study(study_name=f"{spec.name}-{defense}", storage=storage)
+    except KeyError:  # no study under that name (e.g. another search algorithm)
+        return 0
+    orphans = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+    for number in orphans:
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
+    if orphans:
+        log.warning("%s: %d Optuna trial(s) left RUNNING by an interrupted driver marked FAIL "
+                    "(their configurations were asked again after the resume)", defense, len(orphans))
+    return len(orphans)
+
+
 def make_searcher(spec: SweepSpec, defense: str, run_dir: Path):
     """OptunaSearch over both objectives, its study kept in RUN_DIR/optuna.db (one study per
     defense) so optuna-dashboard can open it and a resumed sweep continues its history."""

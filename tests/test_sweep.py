@@ -173,3 +173,23 @@ def test_ctrl_c_leaves_valid_csvs_and_resume_finishes(tmp_path):
     assert len(final) == 4 and final.trial_id.is_unique
     assert set(first.trial_id) <= set(final.trial_id)  # nothing finished was run again
     assert (final.status == "completed").all()
+
+
+def test_optuna_trials_orphaned_by_a_killed_driver_are_closed(tmp_path):
+    # A driver killed between Optuna's ask (stored at once) and Tune's searcher-state save
+    # leaves a RUNNING trial that nobody will tell: closed as FAIL once the defense finished.
+    from orchestrator.spec import parse
+    from orchestrator.tune_adapter import close_orphan_trials
+
+    spec = parse({"name": "orph", "defenses": ["standard"]})
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="orph-standard", storage=storage,
+                                directions=["maximize", "maximize"])
+    done = study.ask()
+    study.tell(done, [0.9, 0.1])
+    study.ask()  # the orphan
+    assert close_orphan_trials(spec, "standard", tmp_path) == 1
+    states = [t.state for t in optuna.load_study(study_name="orph-standard", storage=storage).trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+    assert close_orphan_trials(spec, "standard", tmp_path) == 0
+    assert close_orphan_trials(spec, "trades", tmp_path) == 0  # no such study: nothing to do
