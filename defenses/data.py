@@ -14,7 +14,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-NAMES = ("mnist5k", "cifar10", "cifar100")
+# name: (classes, channels): also lets a model be built and checked before any data is read
+SHAPES = {"mnist5k": (10, 1), "cifar10": (10, 3), "cifar100": (100, 3)}
+NAMES = tuple(SHAPES)
 MNIST5K_TRAIN = 4000
 
 _CIFAR = {
@@ -24,10 +26,6 @@ _CIFAR = {
     "cifar100": ("cifar-100-python", ["train"], "test", "fine_labels",
                  "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
 }
-
-
-# name: (classes, channels), to build and check a model before any data is read
-SHAPES = {"mnist5k": (10, 1), "cifar10": (10, 3), "cifar100": (100, 3)}
 
 
 class DatasetError(ValueError):
@@ -116,7 +114,7 @@ def _mnist5k(seed: int) -> Dataset:
     x, y = _mnist5k_arrays()
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     tr, te = order[:MNIST5K_TRAIN], order[MNIST5K_TRAIN:]
-    return Dataset("mnist5k", x[tr].contiguous(), y[tr], x[te].contiguous(), y[te], 10)
+    return Dataset("mnist5k", x[tr].contiguous(), y[tr], x[te].contiguous(), y[te], SHAPES["mnist5k"][0])
 
 
 def _cifar_folder(name: str, data_root: str | Path | None) -> Path:
@@ -153,4 +151,4 @@ def _cifar(name: str, data_root: str | Path | None) -> Dataset:
 
     train_x, train_y = read(train_files)
     test_x, test_y = read([test_file])
-    return Dataset(name, train_x, train_y, test_x, test_y, 10 if name == "cifar10" else 100)
+    return Dataset(name, train_x, train_y, test_x, test_y, SHAPES[name][0])
