@@ -217,9 +217,10 @@ def detection_report(detector: ScoredDetector, x: torch.Tensor, y: torch.Tensor,
 # --- the classifier a detector guards -------------------------------------------------------
 
 def load_guarded_classifier(model: nn.Module, checkpoint: Path | None, data: Dataset,
-                            defense: str) -> None:
-    """Load the base classifier at ``checkpoint`` into ``model`` (the trial's architecture);
-    a checkpoint trained for another dataset or classifier is a DefenseConfigError."""
+                            defense: str) -> dict:
+    """Load the base classifier at ``checkpoint`` into ``model`` (the trial's architecture) and
+    return the checkpoint's meta; a checkpoint trained for another dataset or classifier is a
+    DefenseConfigError."""
     if checkpoint is None:
         raise DefenseConfigError(f"{defense}: needs the checkpoint of the classifier it guards "
                                  "(base model 'standard'); none was given")
@@ -242,6 +243,7 @@ def load_guarded_classifier(model: nn.Module, checkpoint: Path | None, data: Dat
         raise DefenseConfigError(f"{defense}: classifier checkpoint {checkpoint} does not fit the "
                                  f"trial's model: {str(e).splitlines()[0]}") from None
     model.eval()
+    return meta
 
 
 class _Joint(nn.Module):

@@ -487,11 +487,10 @@ class SaliencyDetector(GuardDetector):
 
     # --- setup ---------------------------------------------------------------------------
     def setup(self, data, base_checkpoint):
-        load_guarded_classifier(self.model, base_checkpoint, data, self.name)
+        base_meta = load_guarded_classifier(self.model, base_checkpoint, data, self.name)
         self.model.requires_grad_(False)
         device = next(self.model.parameters()).device
         self.classifier_id = fingerprint(self.model)
-        base_meta = torch.load(base_checkpoint, map_location="cpu", weights_only=True)["meta"]
         self.meta = {"dataset": data.name, "model": base_meta["model"], "fingerprint": self.classifier_id}
         x = as_float(data.train_x, device)
         y = data.train_y.to(device)
