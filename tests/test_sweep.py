@@ -133,6 +133,15 @@ def test_unwritable_output_dir(no_ray, tmp_path, capsys):
     assert "not writable" in err
 
 
+def test_unwritable_storage_path_stops_before_ray(no_ray, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = tmp_path / "o"
+    err = run_bad(capsys, ["--preset", "smoke", "--out", str(out), "--storage-path", str(blocker / "tune")])
+    assert f"storage path {blocker / 'tune'} is not writable" in err and "--storage-path" in err
+    assert not (out / "spec.json").exists()  # nothing of a run written
+
+
 def test_unreachable_address_fails_fast(no_ray, tmp_path, capsys):
     t0 = time.monotonic()
     err = run_bad(capsys, ["--preset", "smoke", "--out", str(tmp_path / "o"), "--address", "127.0.0.1:1"])
