@@ -3,7 +3,8 @@ PGD-40? Trains pgd_at through the trial code (mnist5k, all 4,000 training images
 10 epochs), then evaluates the first N test images with PGD-40, PGD-40 × 5 restarts and a
 reduced AutoAttack cascade (APGD-CE-50, APGD-T-50×3, FAB-T-50×3, Square-500).
 
-    python experiments/aa_sanity.py [--epochs 10] [--samples 200] [--run-dir runs/aa_sanity]
+    python experiments/aa_sanity.py [--epochs 10] [--train-steps 10] [--schedule constant|cyclic]
+                                    [--lr 1e-3] [--samples 200] [--run-dir runs/aa_sanity]
 """
 from __future__ import annotations
 
@@ -30,18 +31,22 @@ REDUCED_AA = ["apgd_ce-50", "apgd_t-50x3", "fab_t-50x3", "square-500"]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--train-steps", type=int, default=10, help="PGD steps of the training attack")
+    p.add_argument("--schedule", choices=["constant", "cyclic"], default="constant",
+                   help="learning rate: constant, or fast_adversarial's 0 -> lr -> 0 triangle")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (the peak if cyclic)")
     p.add_argument("--samples", type=int, default=200)
     p.add_argument("--run-dir", default="runs/aa_sanity")
     args = p.parse_args()
     torch.set_num_threads(1)
     spec = parse({"name": "aa-sanity", "dataset": "mnist5k", "model": "small_cnn",
-                  "epochs": args.epochs, "batch_size": 100, "optimizer": {"name": "adam", "lr": 1e-3},
-                  "threat_model": {"eps": 0.3, "attacks": ["pgd-40"], "train_steps": 10},
+                  "epochs": args.epochs, "batch_size": 100, "optimizer": {"name": "adam", "lr": args.lr, "schedule": args.schedule},
+                  "threat_model": {"eps": 0.3, "attacks": ["pgd-40"], "train_steps": args.train_steps},
                   "defenses": ["pgd_at"]})
     t0 = time.perf_counter()
     s = build_setup(spec, "pgd_at", {"clean_weight": 0.0}, torch.device("cpu"), Path(args.run_dir))
     train(s, spec.epochs)
-    out: dict = {"train_s": round(time.perf_counter() - t0, 1)}
+    out: dict = {"settings": vars(args), "train_s": round(time.perf_counter() - t0, 1)}
     x = data_lib.as_float(s.data.test_x[:args.samples])
     y = s.data.test_y[:args.samples]
     lists = {"pgd-40": ["pgd-40"],
