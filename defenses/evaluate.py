@@ -48,12 +48,11 @@ from fractions import Fraction
 from typing import Any, Callable, Sequence, Union
 
 import torch
-import torchattacks
 
 from defenses import attacks as attack_lib
 from defenses import masking as masking_lib
 from defenses.attacks import Attack, check_images, frozen_eval
-from defenses.attacks.external import TorchAttacks, _num_classes
+from defenses.attacks.external import TorchAttacks, torchattacks, _num_classes
 from defenses.base import Defense, predict_labels
 
 log = logging.getLogger(__name__)

@@ -47,12 +47,11 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchattacks
 
 from defenses import models as model_lib
 from defenses.attacks import PGD, Attack, frozen_eval, make
 from defenses.attacks.adaptive import BPDA, EOTPGD, gaussian_noise, transfer_pgd
-from defenses.attacks.external import TorchAttacks
+from defenses.attacks.external import TorchAttacks, torchattacks
 from defenses.base import BaseModelRequest, Defense, DefenseConfigError, Prediction
 
 log = logging.getLogger(__name__)

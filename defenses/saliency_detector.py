@@ -58,11 +58,10 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchattacks
 
 from defenses import attacks as attack_lib
 from defenses.attacks import Attack, frozen_eval
-from defenses.attacks.external import TorchAttacks
+from defenses.attacks.external import TorchAttacks, torchattacks
 from defenses.base import DefenseConfigError, Prediction
 from defenses.data import as_float
 from defenses.detection import GuardDetector, load_guarded_classifier, threshold_at_fpr

@@ -5,13 +5,34 @@ DeepFool) are projected onto the L∞ ball by ``Attack.__call__``, so in an L∞
 only count within ε."""
 from __future__ import annotations
 
+import importlib.util
+import sys
+from types import ModuleType
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torchattacks
 
 from defenses.attacks.base import Attack
+
+
+def _lazy_import(name: str) -> ModuleType:
+    """``name``, loaded at its first attribute access (the recipe of importlib's docs)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no module named {name!r}")
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# torchattacks pulls in scipy.stats (~0.6 s of imports). Training processes never attack with
+# it, and every Ray Train worker is a fresh process: load it when an attack is first built.
+torchattacks = _lazy_import("torchattacks")
 
 
 class _CallableModule(nn.Module):
