@@ -12,6 +12,7 @@ it exactly as a one-worker trial does."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
 from pathlib import Path
@@ -143,17 +144,45 @@ def _forward_to_tune_callback(queue):
     return ForwardToTune()
 
 
+TRAIN_POLL_INTERVAL_S = 0.2
+_relay: Any = None  # this process's relay queue, kept across the trials of a reused Tune actor
+
+
+def _relay_queue() -> Any:
+    """The queue that carries rank 0's reports from the Train controller to this trial
+    function. A queue is an actor, i.e. a process to start (~1 s); Tune reuses the trial
+    function's actor across trials, so the queue is kept too, emptied of anything a failed run
+    left in it."""
+    from ray.util.queue import Empty, Queue
+
+    global _relay
+    if _relay is not None:
+        try:
+            while True:
+                _relay.get_nowait()
+        except Empty:
+            return _relay
+        except Exception as e:  # the queue's actor died (its node went away): start another
+            log.warning("relay queue lost (%s); starting a new one", e)
+    _relay = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    return _relay
+
+
 def run_data_parallel(trial: dict[str, Any], spec: SweepSpec, storage: str) -> None:
     """Train one trial with a ``TorchTrainer`` of ``workers_per_trial`` workers, from inside a
     Tune trial function, relaying its reports and checkpoints to Tune."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.queue import Empty, Queue
+    from ray.util.queue import Empty
 
     r = spec.resources
     trial_id = tune.get_context().get_trial_id()
     use_gpu = r.gpus_per_trial > 0
-    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    # Ray Train's controller polls its workers every 2 s by default, and the end of training is
+    # only seen at a poll: ~2 s of every trial were spent waiting (B3 in BENCHMARKS.md). Ray
+    # Train propagates this variable from here to its controller; a user's own setting wins.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_INTERVAL_S))
+    queue = _relay_queue()
     name = f"{trial_id}-{uuid.uuid4().hex[:6]}"  # one Train run per attempt: no stale state
     trainer = TorchTrainer(
         train_worker,
