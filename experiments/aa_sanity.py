@@ -44,8 +44,16 @@ def main() -> None:
                   "threat_model": {"eps": 0.3, "attacks": ["pgd-40"], "train_steps": args.train_steps},
                   "defenses": ["pgd_at"]})
     t0 = time.perf_counter()
-    s = build_setup(spec, "pgd_at", {"clean_weight": 0.0}, torch.device("cpu"), Path(args.run_dir))
-    train(s, spec.epochs)
+    run_dir = Path(args.run_dir)
+    s = build_setup(spec, "pgd_at", {"clean_weight": 0.0}, torch.device("cpu"), run_dir)
+    # the trained weights are kept: evaluating again (e.g. on more images) does not retrain
+    weights = run_dir / f"pgd_at-e{args.epochs}-k{args.train_steps}-{args.schedule}-lr{args.lr:g}.pt"
+    if weights.is_file():
+        s.defense.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    else:
+        train(s, spec.epochs)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(s.defense.model.state_dict(), weights)
     out: dict = {"settings": vars(args), "train_s": round(time.perf_counter() - t0, 1)}
     x = data_lib.as_float(s.data.test_x[:args.samples])
     y = s.data.test_y[:args.samples]
@@ -54,7 +62,7 @@ def main() -> None:
              "reduced AutoAttack": REDUCED_AA}
     for name, attacks in lists.items():
         torch.manual_seed(0)
-        r = benchmark(s.defense, x, y, 0.3, attacks, batch_size=args.samples, adaptive=False)
+        r = benchmark(s.defense, x, y, 0.3, attacks, batch_size=min(args.samples, 500), adaptive=False)
         out[name] = {"clean": r.clean_acc, "robust": r.robust_acc, "acc": r.acc}
         print(f"{name}: clean {r.clean_acc:.1%}, robust {r.robust_acc:.1%} {r.acc}", flush=True)
     print(json.dumps(out, indent=1))
