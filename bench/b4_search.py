@@ -1,6 +1,7 @@
 """B4: search efficiency of the sweep's samplers at equal trial counts.
 
-Each sampler (exactly as the sweep builds it, ``orchestrator.tune_adapter._samplers``) drives an
+Each sampler (exactly as the sweep builds it for the study's trial budget,
+``orchestrator.tune_adapter._samplers``; plus TPE with Optuna's own defaults) drives an
 Optuna study by ask/tell over the real search space of ``pgd_at`` (``lr``, ``clean_weight``);
 every trial is a real ``run_trial`` (train + evaluate). The score is the hypervolume
 (``orchestrator.aggregate.hypervolume``, reference at the origin) of (clean_acc, robust_acc)
@@ -16,10 +17,11 @@ import pandas as pd
 from bench.common import load_line, section, table
 
 SETTINGS = {
-    "tiny": dict(trials=2, seeds=(0,), train=100, k=1, eval=50),
-    "quick": dict(trials=4, seeds=(0, 1, 2), train=500, k=1, eval=100),
-    "full": dict(trials=20, seeds=(0, 1, 2), train=500, k=3, eval=500),
+    "tiny": dict(trials=2, seeds=(0,), train=100, epochs=1, k=1, eval=50),
+    "quick": dict(trials=4, seeds=(0, 1, 2), train=500, epochs=1, k=1, eval=100),
+    "full": dict(trials=20, seeds=(0, 1, 2), train=1000, epochs=2, k=3, eval=500),
 }
+SAMPLERS = ("random", "tpe", "nsga2", "tpe-optuna-defaults")
 DEFENSE = "pgd_at"
 
 
@@ -32,13 +34,17 @@ def study_hv(sampler_name: str, seed: int, cfg: dict, run_dir: str) -> tuple[flo
     from orchestrator.trial import run_trial
     from orchestrator.tune_adapter import _samplers
 
-    spec = parse({"dataset": "mnist5k", "model": "small_cnn", "epochs": 1, "train_samples": cfg["train"],
+    spec = parse({"dataset": "mnist5k", "model": "small_cnn", "epochs": cfg["epochs"], "train_samples": cfg["train"],
                   "eval_samples": cfg["eval"], "batch_size": 100,
                   "threat_model": {"eps": 0.3, "attacks": ["fgsm"], "train_steps": cfg["k"],
                                    "masking_samples": 0},
                   "defenses": [DEFENSE]})
     dists = OptunaSearch.convert_search_space(build_space(spec, DEFENSE))
-    study = optuna.create_study(directions=["maximize", "maximize"], sampler=_samplers()[sampler_name](seed))
+    if sampler_name == "tpe-optuna-defaults":  # what the sweep used before sizing to the budget
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    else:
+        sampler = _samplers()[sampler_name](seed, cfg["trials"])
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
     rows = []
     for _ in range(cfg["trials"]):
         trial = study.ask(dists)
@@ -51,6 +57,8 @@ def study_hv(sampler_name: str, seed: int, cfg: dict, run_dir: str) -> tuple[flo
 def run(mode: str) -> str:
     import optuna
 
+    from orchestrator.tune_adapter import population_size, startup_trials
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("orchestrator").setLevel(logging.WARNING)
     cfg = SETTINGS[mode]
@@ -58,7 +66,7 @@ def run(mode: str) -> str:
     hv: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-b4-") as run_dir:
         for seed in cfg["seeds"]:  # samplers in turn per seed: load drift hits all alike
-            for name in ("random", "tpe", "nsga2"):
+            for name in SAMPLERS:
                 hv.setdefault(name, []).append(study_hv(name, seed, cfg, run_dir)[0])
     rows = []
     for name, values in hv.items():
@@ -70,16 +78,14 @@ def run(mode: str) -> str:
                   "does not depend on the hyperparameters (the models barely train), so this run "
                   "says nothing about the samplers.**" if max(flat) - min(flat) < 1e-9 else "")
     body = (f"`{DEFENSE}` search space, {cfg['trials']} trials per study, sampler seeds {list(cfg['seeds'])}; "
-            f"each trial: 1 epoch on {cfg['train']} mnist5k images, PGD-{cfg['k']} training, "
+            f"each trial: {cfg['epochs']} epoch(s) on {cfg['train']} mnist5k images, PGD-{cfg['k']} training, "
             f"evaluation on {cfg['eval']} test images with FGSM (ε=0.3). Target: default sampler "
             "≥ 1.15× random.\n\n"
             + table(["sampler", "hypervolume per seed", "median", "÷ random (median, min–max)"], rows)
-            + "\n\nAs configured in the sweep, TPE samples its first 10 trials at random "
-            "(Optuna's `n_startup_trials=10`) and NSGA-II its first generation (population 50): "
-            f"at {cfg['trials']} trials per study "
-            + ("both are still random search, so any difference above is noise between "
-               "random streams, not search efficiency." if cfg["trials"] <= 10 else
-               "TPE has had its startup phase; NSGA-II is still in its first generation.") + degenerate)
+            + f"\n\nAs the sweep builds them for {cfg['trials']} trials: TPE starts with "
+            f"{startup_trials(cfg['trials'])} random trials, NSGA-II's generations hold "
+            f"{population_size(cfg['trials'])}. `tpe-optuna-defaults` is TPE with Optuna's own start "
+            "(10 random trials)." + degenerate)
     return section(f"B4 search efficiency (mode {mode})",
                    f"nice -n 10 python bench/run.py --only b4{'' if mode == 'full' else ' --' + mode}",
                    body, started)

@@ -202,3 +202,23 @@ def test_optuna_trials_orphaned_by_a_killed_driver_are_closed(tmp_path):
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
     assert close_orphan_trials(spec, "standard", tmp_path) == 0
     assert close_orphan_trials(spec, "trades", tmp_path) == 0  # no such study: nothing to do
+
+
+@pytest.mark.parametrize("search", ["tpe", "nsga2"])
+def test_model_based_samplers_leave_their_random_start_within_the_budget(tmp_path, search):
+    # With Optuna's defaults (TPE: 10 random trials, NSGA-II: generations of 50) a 20-trial
+    # study is mostly or wholly random search; the sweep sizes both to the defense's budget.
+    import optuna
+
+    from orchestrator.spec import parse
+    from orchestrator.tune_adapter import make_searcher
+
+    spec = parse({"name": "budget", "search": search, "defenses": {"pgd_at": {"trials": 20}, "standard": {"trials": 400}}})
+    small = make_searcher(spec, "pgd_at", tmp_path)._sampler
+    large = make_searcher(spec, "standard", tmp_path)._sampler
+    if search == "tpe":
+        assert isinstance(small, optuna.samplers.TPESampler)
+        assert small._n_startup_trials == 6 and large._n_startup_trials == 10
+    else:
+        assert isinstance(small, optuna.samplers.NSGAIISampler)
+        assert small._population_size == 5 and large._population_size == 50
