@@ -181,7 +181,7 @@ class ATAT(LossDefense):
 
     def loss(self, x, y, epoch):
         t = self.threat
-        x_adv = pgd(self.model, x, y, t.eps, t.step_size, t.train_steps)
+        x_adv = pgd(self.model, x, y, t.eps, t.step_size, t.train_steps, autocast=t.attack_dtype)
         p = self.params
         t_att = teacher_attention(self.teacher, x, y) if p.lambda1 else None
         total, parts = atat_loss(self.model, x, x_adv, y, t_att, p.lambda1, p.lambda2)

@@ -28,7 +28,7 @@ class PGDAT(LossDefense):
 
     def loss(self, x, y, epoch):
         t = self.threat
-        x_adv = pgd(self.model, x, y, t.eps, t.step_size, t.train_steps)
+        x_adv = pgd(self.model, x, y, t.eps, t.step_size, t.train_steps, autocast=t.attack_dtype)
         loss = F.cross_entropy(self.model(x_adv), y)
         if self.params.clean_weight:
             loss = loss + self.params.clean_weight * F.cross_entropy(self.model(x), y)

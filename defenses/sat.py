@@ -332,9 +332,10 @@ class SAT(LossDefense):
         if half == 0:
             return F.cross_entropy(self.model(x_sat), y)
         if p.variant == "pgd_sat":
-            x_pgd = pgd(self.model, x[:half], y[:half], t.eps, t.step_size, t.train_steps)
+            x_pgd = pgd(self.model, x[:half], y[:half], t.eps, t.step_size, t.train_steps,
+                        autocast=t.attack_dtype)
             return F.cross_entropy(self.model(torch.cat([x_pgd, x_sat])), y)
-        x_kl = kl_adversarial(self.model, x[:half], t.eps, t.step_size, t.train_steps)
+        x_kl = kl_adversarial(self.model, x[:half], t.eps, t.step_size, t.train_steps, t.attack_dtype)
         return trades_loss(self.model, x, y, torch.cat([x_kl, x_sat]), p.beta)
 
     def train_epoch(self, batches, optimizer, epoch, scheduler=None):

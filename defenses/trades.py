@@ -16,14 +16,20 @@ class TRADESParams:
     beta: float = 6.0
 
 
-def kl_adversarial(model, x: torch.Tensor, eps: float, alpha: float, steps: int) -> torch.Tensor:
-    """The TRADES inner maximization of KL(f(x) ‖ f(x')) (model frozen in eval mode)."""
+def kl_adversarial(model, x: torch.Tensor, eps: float, alpha: float, steps: int,
+                   autocast: torch.dtype | None = None) -> torch.Tensor:
+    """The TRADES inner maximization of KL(f(x) ‖ f(x')) (model frozen in eval mode);
+    ``autocast``: the precision of the model's passes, as in ``pgd``."""
+    def logits(inputs: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            return model(inputs).float()
+
     with frozen_eval(model):
-        p_clean = F.softmax(model(x), dim=1).detach()
+        p_clean = F.softmax(logits(x), dim=1).detach()
         x_adv = (x + 0.001 * torch.randn_like(x)).clamp_(0.0, 1.0)
         for _ in range(steps):
             x_adv.requires_grad_(True)
-            kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_clean, reduction="sum")
+            kl = F.kl_div(F.log_softmax(logits(x_adv), dim=1), p_clean, reduction="sum")
             grad, = torch.autograd.grad(kl, x_adv)
             with torch.no_grad():
                 x_adv = x_adv + alpha * grad.sign()
@@ -49,5 +55,5 @@ class TRADES(LossDefense):
 
     def loss(self, x, y, epoch):
         t = self.threat
-        x_adv = kl_adversarial(self.model, x, t.eps, t.step_size, t.train_steps)
+        x_adv = kl_adversarial(self.model, x, t.eps, t.step_size, t.train_steps, t.attack_dtype)
         return trades_loss(self.model, x, y, x_adv, self.params.beta)

@@ -33,6 +33,8 @@ class ThreatSpec(_Strict):
     attacks: list[str] = Field(default_factory=lambda: ["fgsm", "pgd-20"], min_length=1)
     train_steps: int = Field(10, gt=0)
     train_step_size: float | None = Field(None, gt=0.0, le=1.0)
+    # training attacks' passes under autocast (bf16/fp16) or not (fp32); B1 in BENCHMARKS.md
+    train_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # --- evaluation only (defenses.evaluate): attacks may also name presets (fast, standard,
     # adaptive, paper) and AutoAttack's components (apgd_ce-100, apgd_t-50x3, fab_t-100)
     eval_eps: list[float] | None = None       # robustness curve; None: the dataset's default ε
@@ -59,7 +61,7 @@ class ThreatSpec(_Strict):
 
     def threat_model(self) -> ThreatModel:
         return ThreatModel(eps=self.eps, attacks=tuple(self.attacks), train_steps=self.train_steps,
-                           train_step_size=self.train_step_size)
+                           train_step_size=self.train_step_size, train_precision=self.train_precision)
 
 
 class OptimizerSpec(_Strict):

@@ -80,3 +80,26 @@ def test_unknown_attack_names_the_valid_ones():
     with pytest.raises(attacks.AttackNameError, match="pgd"):
         attacks.parse("bim-5")
     assert attacks.parse("pgd-40") == ("pgd", 40)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pgd_under_autocast_matches_full_precision_strength(trained_cnn, batch, dtype):
+    # The training attacks' low-precision option: the passes run in bf16/fp16, δ and the
+    # projection stay fp32, and the attack is about as strong as in full precision.
+    x, y = batch
+    eps = 0.1  # where a one-epoch model is partly robust, so strength differences show
+    full = pgd(trained_cnn, x, y, eps, 2.5 * eps / 10, 10, generator=torch.Generator().manual_seed(0))
+    low = pgd(trained_cnn, x, y, eps, 2.5 * eps / 10, 10, generator=torch.Generator().manual_seed(0),
+              autocast=dtype)
+    assert low.dtype == torch.float32
+    assert float((low - x).abs().max()) <= eps + 1e-6 and 0.0 <= float(low.min()) and float(low.max()) <= 1.0
+    assert accuracy(trained_cnn, low, y) < accuracy(trained_cnn, x, y) - 0.2
+    assert abs(accuracy(trained_cnn, low, y) - accuracy(trained_cnn, full, y)) <= 3 / 64
+
+
+def test_threat_model_refuses_an_unknown_precision():
+    from defenses.base import ThreatModel
+
+    with pytest.raises(ValueError, match="valid: fp32, bf16, fp16"):
+        ThreatModel(eps=0.3, train_precision="fp8")
+    assert ThreatModel(eps=0.3, train_precision="bf16").attack_dtype == torch.bfloat16

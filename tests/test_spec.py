@@ -46,9 +46,18 @@ def test_default_preset_sweeps_every_registered_defense_twice():
     ({"defenses": {"trades": {"space": {"beta": {"low": 5, "high": 1}}}}}, "low < high"),
     ({"defenses": {"standard": {"space": {"lr": 0}}}}, "must be a number > 0"),
     ({"defenses": []}, "defenses"),
+    ({"defenses": ["pgd_at"], "threat_model": {"train_precision": "fp8"}}, "'fp32', 'bf16' or 'fp16'"),
 ])
 def test_bad_specs_name_what_is_wrong(raw, needle):
     assert needle in error_of(raw)
+
+
+def test_train_precision_reaches_the_defenses_threat_model():
+    import torch
+
+    spec = parse({"defenses": ["pgd_at"], "threat_model": {"train_precision": "bf16"}})
+    assert spec.threat_model.threat_model().attack_dtype == torch.bfloat16
+    assert parse({"defenses": ["pgd_at"]}).threat_model.threat_model().attack_dtype is None
 
 
 def test_space_override_syntax():

@@ -38,13 +38,18 @@ def random_start(x: torch.Tensor, eps: float, generator: torch.Generator | None 
 
 def pgd_steps(model: Callable, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
               steps: int, random_start_: bool = True, loss: str = "ce",
-              generator: torch.Generator | None = None) -> torch.Tensor:
-    """The PGD iteration itself, in whatever mode the caller left the model."""
+              generator: torch.Generator | None = None,
+              autocast: torch.dtype | None = None) -> torch.Tensor:
+    """The PGD iteration itself, in whatever mode the caller left the model. ``autocast``: run
+    the model's passes in that precision (a step only uses the gradient's sign); δ and the
+    projection stay in x's dtype."""
     loss_fn = LOSSES[loss]
     delta = random_start(x, eps, generator) if random_start_ else torch.zeros_like(x)
     for _ in range(steps):
         delta.requires_grad_(True)
-        grad, = torch.autograd.grad(loss_fn(model(x + delta), y), delta)
+        with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            logits = model(x + delta)
+        grad, = torch.autograd.grad(loss_fn(logits.float(), y), delta)
         with torch.no_grad():
             delta = delta.add_(grad.sign_(), alpha=alpha).clamp_(-eps, eps)
             delta = (x + delta).clamp_(0.0, 1.0).sub_(x)
@@ -53,11 +58,11 @@ def pgd_steps(model: Callable, x: torch.Tensor, y: torch.Tensor, eps: float, alp
 
 def pgd(model: Callable, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
         random_start: bool = True, loss: str = "ce",
-        generator: torch.Generator | None = None) -> torch.Tensor:
+        generator: torch.Generator | None = None, autocast: torch.dtype | None = None) -> torch.Tensor:
     """L∞ PGD: ``steps`` signed-gradient steps of size ``alpha`` inside the ε-ball, from a
     uniform random start. The model is attacked in eval mode and its mode restored after."""
     with frozen_eval(model):
-        return pgd_steps(model, x, y, eps, alpha, steps, random_start, loss, generator)
+        return pgd_steps(model, x, y, eps, alpha, steps, random_start, loss, generator, autocast)
 
 
 class PGD(Attack):
