@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -358,7 +359,9 @@ def make_searcher(spec: SweepSpec, defense: str, run_dir: Path):
     from ray.tune.search.optuna import OptunaSearch
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{Path(run_dir).resolve() / 'optuna.db'}")
+    # one seed per defense: with the spec's seed alone every study would draw the same first
+    # points of its unit cube (the same lr quantile for every defense, ...)
+    seed = (spec.seed * 1_000_003 + zlib.crc32(defense.encode())) % 2**31
     return OptunaSearch(metric=list(spec.objectives), mode=["max"] * len(spec.objectives),
-                        sampler=_samplers()[spec.search](spec.seed, spec.trials_for(defense)),
-                        study_name=f"{spec.name}-{defense}",
-                        storage=storage, seed=spec.seed)
+                        sampler=_samplers()[spec.search](seed, spec.trials_for(defense)),
+                        study_name=f"{spec.name}-{defense}", storage=storage, seed=seed)

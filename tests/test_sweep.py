@@ -222,3 +222,22 @@ def test_model_based_samplers_leave_their_random_start_within_the_budget(tmp_pat
     else:
         assert isinstance(small, optuna.samplers.NSGAIISampler)
         assert small._population_size == 5 and large._population_size == 50
+
+
+def test_each_defense_study_draws_its_own_points(tmp_path):
+    # one seed per (spec seed, defense): studies of different defenses do not start from the
+    # same points of their search spaces, and a rerun draws the same ones again
+    import optuna
+
+    from orchestrator.spec import parse
+    from orchestrator.tune_adapter import make_searcher
+
+    spec = parse({"name": "seeds", "search": "random", "defenses": ["pgd_at", "trades"]})
+
+    def first_draw(defense: str, folder) -> float:
+        study = optuna.create_study(sampler=make_searcher(spec, defense, folder)._sampler)
+        return study.ask({"u": optuna.distributions.FloatDistribution(0.0, 1.0)}).params["u"]
+
+    assert first_draw("pgd_at", tmp_path) != first_draw("trades", tmp_path)
+    (tmp_path / "again").mkdir()
+    assert first_draw("pgd_at", tmp_path) == first_draw("pgd_at", tmp_path / "again")
