@@ -4,7 +4,8 @@ PGD-40? Trains pgd_at through the trial code (mnist5k, all 4,000 training images
 reduced AutoAttack cascade (APGD-CE-50, APGD-T-50×3, FAB-T-50×3, Square-500).
 
     python experiments/aa_sanity.py [--epochs 10] [--train-steps 10] [--schedule constant|cyclic]
-                                    [--lr 1e-3] [--samples 200] [--run-dir runs/aa_sanity]
+                                    [--lr 1e-3] [--samples 200] [--autoattack reduced|standard]
+                                    [--run-dir runs/aa_sanity]
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ def main() -> None:
                    help="learning rate: constant, or fast_adversarial's 0 -> lr -> 0 triangle")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (the peak if cyclic)")
     p.add_argument("--samples", type=int, default=200)
+    p.add_argument("--autoattack", choices=["reduced", "standard"], default="reduced",
+                   help="reduced budgets (APGD 50 steps, 3 targets, Square 500) or AutoAttack's own")
     p.add_argument("--run-dir", default="runs/aa_sanity")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -59,7 +62,8 @@ def main() -> None:
     y = s.data.test_y[:args.samples]
     lists = {"pgd-40": ["pgd-40"],
              "pgd-40 x5 restarts": [PGD(s.defense.predictor(), 0.3, steps=40, restarts=5)],
-             "reduced AutoAttack": REDUCED_AA}
+             **({"reduced AutoAttack": REDUCED_AA} if args.autoattack == "reduced"
+                else {"AutoAttack standard": ["standard"]})}
     for name, attacks in lists.items():
         torch.manual_seed(0)
         r = benchmark(s.defense, x, y, 0.3, attacks, batch_size=min(args.samples, 500), adaptive=False)
