@@ -364,4 +364,4 @@ def make_searcher(spec: SweepSpec, defense: str, run_dir: Path):
     seed = (spec.seed * 1_000_003 + zlib.crc32(defense.encode())) % 2**31
     return OptunaSearch(metric=list(spec.objectives), mode=["max"] * len(spec.objectives),
                         sampler=_samplers()[spec.search](seed, spec.trials_for(defense)),
-                        study_name=f"{spec.name}-{defense}", storage=storage, seed=seed)
+                        study_name=f"{spec.name}-{defense}", storage=storage)
