@@ -358,7 +358,8 @@ def write(out: Path, args, sanity_rows, ledger_rows, skipped, seconds) -> None:
                  f"ε = 0.3, the first {args.sanity_samples} test images. Each column is its own "
                  "cascade on the same images. These models are the ledger's short trainings; on a "
                  "converged PGD-AT (30 epochs, `experiments/aa_sanity.py`, docs/evaluation.md) "
-                 "AutoAttack is 2.8 points below PGD-40 on 1,000 test images.\n",
+                 "the reduced AutoAttack is 2.8 points below PGD-40 on 1,000 test images (AutoAttack "
+                 "at its own budgets: 3.0 points, on 300).\n",
                  "\n".join(sanity_rows) + "\n"]
     if ledger_rows:
         text += ["## Ledger\n",
