@@ -7,7 +7,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from defenses.attacks import frozen_eval
+from defenses.attacks.base import autocast_passes, frozen_eval
 from defenses.base import DefenseConfigError, LossDefense
 
 
@@ -21,7 +21,7 @@ def kl_adversarial(model, x: torch.Tensor, eps: float, alpha: float, steps: int,
     """The TRADES inner maximization of KL(f(x) ‖ f(x')) (model frozen in eval mode);
     ``autocast``: the precision of the model's passes, as in ``pgd``."""
     def logits(inputs: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        with autocast_passes(x, autocast):
             return model(inputs).float()
 
     with frozen_eval(model):

@@ -32,6 +32,14 @@ def frozen_eval(model: Callable) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def autocast_passes(x: torch.Tensor, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Where an attack runs its model passes: under autocast in ``dtype`` on ``x``'s device, or
+    in full precision for None (a training attack only needs the gradient's sign)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, dtype=dtype)
+
+
 def check_images(x: torch.Tensor, what: str = "inputs") -> None:
     """Images must lie in [0,1]; values outside are the usual sign of double normalization."""
     lo, hi = float(x.min()), float(x.max())

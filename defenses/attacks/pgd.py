@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from defenses.attacks.base import Attack, frozen_eval
+from defenses.attacks.base import Attack, autocast_passes, frozen_eval
 
 
 def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,7 @@ def pgd_steps(model: Callable, x: torch.Tensor, y: torch.Tensor, eps: float, alp
     delta = random_start(x, eps, generator) if random_start_ else torch.zeros_like(x)
     for _ in range(steps):
         delta.requires_grad_(True)
-        with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        with autocast_passes(x, autocast):
             logits = model(x + delta)
         grad, = torch.autograd.grad(loss_fn(logits.float(), y), delta)
         with torch.no_grad():
