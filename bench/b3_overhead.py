@@ -66,15 +66,13 @@ def _noop_loop(config: dict) -> None:
 def floor_seconds(fits: int, workers: int = 2) -> list[float]:
     """Wall seconds of ``fits`` consecutive bare ``TorchTrainer.fit()`` calls in one Ray, run
     the way trials run them (Ray Train V2, the controller's poll interval the sweep sets)."""
-    import os
-
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from orchestrator.tune_adapter import TRAIN_POLL_INTERVAL_S
+    from orchestrator.tune_adapter import poll_train_workers_often
 
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_INTERVAL_S))
+    poll_train_workers_often()
     ray.init(num_cpus=workers + 1, include_dashboard=False, log_to_driver=False)
     seconds = []
     with tempfile.TemporaryDirectory(prefix="bench-b3-floor-") as storage:

@@ -146,6 +146,16 @@ def _forward_to_tune_callback(queue):
 
 
 TRAIN_POLL_INTERVAL_S = 0.2
+
+
+def poll_train_workers_often() -> None:
+    """Ray Train's controller polls its workers every 2 s by default, and the end of training
+    is only seen at a poll: ~2 s of every trial were spent waiting (B3 in BENCHMARKS.md). Ray
+    Train propagates this variable from the process calling ``fit()`` to its controller; a
+    user's own setting wins."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_INTERVAL_S))
+
+
 _relay: Any = None  # this process's relay queue, kept across the trials of a reused Tune actor
 
 
@@ -179,10 +189,7 @@ def run_data_parallel(trial: dict[str, Any], spec: SweepSpec, storage: str) -> N
     r = spec.resources
     trial_id = tune.get_context().get_trial_id()
     use_gpu = r.gpus_per_trial > 0
-    # Ray Train's controller polls its workers every 2 s by default, and the end of training is
-    # only seen at a poll: ~2 s of every trial were spent waiting (B3 in BENCHMARKS.md). Ray
-    # Train propagates this variable from here to its controller; a user's own setting wins.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_INTERVAL_S))
+    poll_train_workers_often()
     queue = _relay_queue()
     name = f"{trial_id}-{uuid.uuid4().hex[:6]}"  # one Train run per attempt: no stale state
     trainer = TorchTrainer(
