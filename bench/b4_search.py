@@ -77,15 +77,15 @@ def run(mode: str) -> str:
     done = pd.concat([df for dfs in studies.values() for df in dfs])
     done = done[done["status"] == "completed"]
     nadir = (float(done["clean_acc"].min()), float(done["robust_acc"].min()))
-    rows = []
+    rows, hv_by_ref = [], {}
     for ref_name, ref in (("origin", None), (f"nadir ({nadir[0]:.3f}, {nadir[1]:.3f})", nadir)):
-        hv = {name: [hypervolume(df, reference=ref) for df in dfs] for name, dfs in studies.items()}
+        hv = hv_by_ref[ref_name] = {name: [hypervolume(df, reference=ref) for df in dfs]
+                                    for name, dfs in studies.items()}
         for name, values in hv.items():
             ratios = [v / r if r > 0 else float("nan") for v, r in zip(values, hv["random"])]
             rows.append([ref_name, name, ", ".join(f"{v:.4f}" for v in values), f"{statistics.median(values):.4f}",
                          f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})"])
-    hv = {name: [hypervolume(df) for df in dfs] for name, dfs in studies.items()}
-    flat = [v for values in hv.values() for v in values]
+    flat = [v for values in hv_by_ref["origin"].values() for v in values]
     degenerate = ("\n\n**Every study reached the same hypervolume: at these settings the objective "
                   "does not depend on the hyperparameters (the models barely train), so this run "
                   "says nothing about the samplers.**" if max(flat) - min(flat) < 1e-9 else "")
