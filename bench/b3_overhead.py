@@ -33,7 +33,7 @@ SETTINGS = {"tiny": dict(ns=(1,), workers=(1,), floor_fits=0), "quick": dict(ns=
 def spec(n: int, workers: int) -> dict:
     return {"name": f"bench-b3-{n}-{workers}", "dataset": "mnist5k", "model": "small_cnn", "epochs": 1,
             "train_samples": 64, "eval_samples": 32, "batch_size": 32,
-            "threat_model": {"eps": 0.3, "attacks": ["fgsm"], "masking_samples": 0},
+            "threat_model": {"eps": 0.3, "attacks": ["fgsm"], "masking_samples": 0, "final_eval": "none"},
             "defenses": {"standard": {"trials": n}}, "search": "random",
             "resources": {"cpus_per_trial": 1, "workers_per_trial": workers}}
 

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from defenses import models as model_lib
 from defenses.attacks import pgd
+from defenses.attacks.pgd import BIM
 from defenses.base import BaseModelRequest, DefenseConfigError, LossDefense
 from defenses.saliency import grad_cam
 
@@ -195,6 +196,12 @@ class ATAT(LossDefense):
         metrics = super().train_epoch(batches, optimizer, epoch, scheduler)
         metrics.update({k: float(v) / max(self._batches, 1) for k, v in self._sums.items()})
         return metrics
+
+    def paper_attacks(self, eps: float) -> list:
+        """Tables 1-2 at the threat model's ε: FGSM, I-FGSM with 20 iterations ("FGSM(20)",
+        BIM: no random start), PGD-7 and PGD-20 (CIFAR-10), PGD-10 (CIFAR-100), white-box and
+        untargeted. Steps are the project's 2.5·ε/K (the paper gives only the training step)."""
+        return ["fgsm", BIM(self.predictor(), eps, steps=20), "pgd-7", "pgd-10", "pgd-20"]
 
 
 # ------------------------------------------------------------------------ checks and loading

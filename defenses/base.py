@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterable, NamedTuple
 import torch
 import torch.nn as nn
 
+from defenses import attacks as attack_lib
 from defenses.data import Dataset
 
 if TYPE_CHECKING:
@@ -44,10 +45,15 @@ class ThreatModel:
     # precision of the training attack's forward/backward passes (the weight update stays fp32):
     # "bf16"/"fp16" run them under autocast, ~2× faster on CPUs with bf16 units and on GPUs
     train_precision: str = "fp32"
+    # fraction of clean inputs a detector may reject: detectors set their threshold at it on
+    # the validation split (images no classifier or detector trained on)
+    fpr: float = 0.05
 
     def __post_init__(self) -> None:
         if self.train_precision not in PRECISIONS:
             raise ValueError(f"train_precision={self.train_precision!r}; valid: {', '.join(PRECISIONS)}")
+        if not (isinstance(self.fpr, (int, float)) and 0.0 < self.fpr <= 0.5):
+            raise ValueError(f"fpr must be in (0, 0.5], got {self.fpr!r}")
 
     @property
     def attack_dtype(self) -> "torch.dtype | None":
@@ -166,6 +172,25 @@ class Defense(abc.ABC):
         them to the cascade, so robust accuracy is the worst case over them too. Each is a
         ``defenses.attacks.Attack`` whose output is judged by ``predict``."""
         return []
+
+    def evaluation_metrics(self, x: torch.Tensor, y: torch.Tensor, attacks: "list[Attack]",
+                           batch_size: int = 256) -> dict[str, float]:
+        """Numbers beyond clean/robust accuracy that the evaluation of (x, y) under ``attacks``
+        (the primary ε's cascade) should report, e.g. a detector's FPR and detection rates;
+        they become the record's ``metric.*`` columns. None by default."""
+        return {}
+
+    def blackbox_attack(self, eps: float, queries: int) -> "Attack":
+        """The gradient-free attack the gradient-masking checks run on the points still robust
+        after the cascade (its breaks count): Square on ``predictor()``. A defense whose
+        decision is more than those logits (a detector's rejection) attacks that decision."""
+        return attack_lib.make(f"square-{queries}", self.predictor(), eps)
+
+    def paper_attacks(self, eps: float) -> "list[str | Attack] | None":
+        """The attacks of the defense's own paper (the evaluation's ``paper`` preset), as
+        attack names and built ``Attack``s at radius ``eps``; None: this defense defines no
+        paper setting, and asking for ``paper`` is an error."""
+        return None
 
 
 class LossDefense(Defense):

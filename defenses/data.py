@@ -18,6 +18,10 @@ import torch
 SHAPES = {"mnist5k": (10, 1), "cifar10": (10, 3), "cifar100": (100, 3)}
 NAMES = tuple(SHAPES)
 MNIST5K_TRAIN = 4000
+# training images per dataset name, known without loading (a spec is checked against them
+# before Ray starts); the CIFAR files hold 50,000
+TRAIN_SIZES = {"mnist5k": MNIST5K_TRAIN, "cifar10": 50_000, "cifar100": 50_000}
+TEST_SIZES = {"mnist5k": 5000 - MNIST5K_TRAIN, "cifar10": 10_000, "cifar100": 10_000}
 
 _CIFAR = {
     # name: (folder torchvision uses, train files, test file, label key, meta file, how to get it)
@@ -40,18 +44,48 @@ class Dataset:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    # training images held out of all training (``hold_out_validation``): clean images neither
+    # the classifier nor a detector trained on, for detector thresholds; None: no such split
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
 
     @property
     def in_channels(self) -> int:
         return int(self.train_x.shape[1])
 
+    @property
+    def n_val(self) -> int:
+        return 0 if self.val_y is None else len(self.val_y)
+
     def to(self, device: torch.device | str) -> "Dataset":
         """Move a small dataset to the trial's device once (large ones stay on the host)."""
         if self.train_x.dtype == torch.uint8:
             return self
+        val = {} if self.val_x is None else {"val_x": self.val_x.to(device), "val_y": self.val_y.to(device)}
         return dataclasses.replace(
             self, train_x=self.train_x.to(device), train_y=self.train_y.to(device),
-            test_x=self.test_x.to(device), test_y=self.test_y.to(device))
+            test_x=self.test_x.to(device), test_y=self.test_y.to(device), **val)
+
+
+def train_size(name: str) -> int:
+    """Training images of dataset ``name``, without loading it."""
+    if name not in TRAIN_SIZES:
+        raise DatasetError(f"unknown dataset {name!r}; valid datasets: {', '.join(NAMES)}")
+    return TRAIN_SIZES[name]
+
+
+def hold_out_validation(dataset: Dataset, k: int) -> Dataset:
+    """Move the LAST ``k`` training images (of the seeded order) to ``val_x``/``val_y``. The
+    last ones, so that the first N training images a spec's ``train_samples`` takes stay what
+    they were without a validation split whenever N + k fits in the training set."""
+    n = len(dataset.train_y)
+    if k <= 0:
+        return dataset
+    if k >= n:
+        raise DatasetError(f"validation_samples={k} leaves no training images: {dataset.name} has "
+                           f"{n}; lower validation_samples")
+    return dataclasses.replace(dataset, train_x=dataset.train_x[:n - k], train_y=dataset.train_y[:n - k],
+                               val_x=dataset.train_x[n - k:], val_y=dataset.train_y[n - k:])
 
 
 def as_float(x: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:

@@ -35,9 +35,9 @@ import torch.nn as nn
 from defenses import attacks as attack_lib
 from defenses import models as model_lib
 from defenses.attacks import Attack, frozen_eval
-from defenses.attacks.detector_aware import ExtraClassCW, OrthogonalPGD
+from defenses.attacks.detector_aware import ExtraClassCW, JointSquare, OrthogonalPGD
 from defenses.base import BaseModelRequest, Defense, DefenseConfigError, Prediction
-from defenses.data import Dataset
+from defenses.data import Dataset, as_float
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,8 @@ def tpr_at_fpr(clean_scores: torch.Tensor, adv_scores: torch.Tensor, fpr: float 
 def calibrate_threshold(raw_score, model: nn.Module, batches, fpr: float
                         ) -> tuple[float, torch.Tensor]:
     """(threshold at ``fpr``, the clean scores) of ``raw_score(x, logits)`` over clean
-    ``batches`` (e.g. the training batches of an epoch), the model frozen in eval mode."""
+    ``batches`` (a detector's validation split: images the classifier never trained on), the
+    model frozen in eval mode."""
     scores = []
     with frozen_eval(model), torch.no_grad():
         for x, _ in batches:
@@ -214,6 +215,40 @@ def detection_report(detector: ScoredDetector, x: torch.Tensor, y: torch.Tensor,
                           fpr_target=fpr, attacks=report)
 
 
+def detector_metrics(detector: ScoredDetector, x: torch.Tensor, y: torch.Tensor,
+                     attacks: Sequence[Attack], batch_size: int = 256,
+                     fpr: float | None = None) -> dict[str, float]:
+    """A detector's columns for a trial record, on clean test images (x, y) and the attacks of
+    the evaluation cascade: ``fpr`` (clean inputs rejected, the realized FPR), ``ospa``, and
+    per attack ``detection.<name>`` (successful adversarials rejected), ``n_fooled.<name>``
+    (successful adversarials: misclassified by the classifier, before any rejection),
+    ``auroc.<name>`` and ``tpr_at_fpr.<name>`` (TPR at ``fpr``, default the detector's target
+    FPR). Each attack runs once, on the inputs the classifier gets right (the only ones whose
+    adversarial versions count), not as a cascade: detection is a property of each attack."""
+    if not hasattr(detector, "detector_score"):
+        raise TypeError(f"{type(detector).__name__} is not a detector (no detector_score)")
+    if fpr is None:
+        fpr = getattr(detector, "target_fpr", 0.05)
+    with frozen_eval(detector.model):
+        pred, rejected, clean_scores = _decide(detector, x, batch_size)
+        out = {"fpr": rejected.float().mean().item(), "ospa": ospa(pred, y, rejected)}
+        correct = (pred == y).nonzero().squeeze(1)
+        xc, yc = x[correct], y[correct]
+        for attack in attacks:
+            if len(yc) == 0:  # nothing to attack: every rate is undefined, nothing was fooled
+                out.update({f"detection.{attack.name}": math.nan, f"n_fooled.{attack.name}": 0.0,
+                            f"auroc.{attack.name}": math.nan, f"tpr_at_fpr.{attack.name}": math.nan})
+                continue
+            adv = craft([attack], xc, yc, batch_size)[attack.name]
+            adv_pred, adv_rej, adv_scores = _decide(detector, adv, batch_size)
+            fooled = adv_pred != yc
+            out.update({f"detection.{attack.name}": detection_rate(adv_rej, fooled),
+                        f"n_fooled.{attack.name}": float(fooled.sum()),
+                        f"auroc.{attack.name}": roc_auc(clean_scores, adv_scores[fooled]),
+                        f"tpr_at_fpr.{attack.name}": tpr_at_fpr(clean_scores, adv_scores[fooled], fpr)})
+    return out
+
+
 # --- the classifier a detector guards -------------------------------------------------------
 
 def load_guarded_classifier(model: nn.Module, checkpoint: Path | None, data: Dataset,
@@ -272,18 +307,68 @@ class GuardDetector(Defense):
     together, so the attacks and ``predict`` see the same decision."""
 
     holdout_size = 200        # training images kept out of calibration: held-out checks
-    report_fpr = 0.05         # FPR at which TPR is reported
     # attack kinds (and evaluation presets) whose steps set the detector-aware attacks' budget
     ITERATIVE = ("pgd", "pgd_cw", "mim", "cw", "apgd_ce", "apgd_dlr", "apgd_t", "fab_t")
     PRESET_BUDGETS = {"fast": 20, "standard": 100}
     DEFAULT_BUDGET = 20
+    # runs of each gradient detector-aware attack (the first from the clean image, the others
+    # from random starts, only on the points still unbroken)
+    ADAPTIVE_RESTARTS = 2
+    # Square's queries per step of the budget (pgd-20 -> 100), never below SQUARE_MIN_QUERIES
+    SQUARE_PER_STEP = 5
+    SQUARE_MIN_QUERIES = 100
+
+    def blackbox_attack(self, eps, queries):
+        """Square on the whole decision, "misclassified and accepted", not on the classifier the
+        detector guards: the masking checks judge the pipeline a user deploys."""
+        return JointSquare(self.joint(), eps, queries=queries)
+
+    def evaluation_metrics(self, x, y, attacks, batch_size=256):
+        """FPR, OSPA and, per attack of the cascade, detection rate, fooled count, AUROC and TPR
+        at the target FPR (``detector_metrics``)."""
+        return detector_metrics(self, x, y, attacks, batch_size)
 
     @classmethod
     def base_model(cls, params) -> BaseModelRequest:
         return BaseModelRequest(defense="standard")
 
+    @property
+    def target_fpr(self) -> float:
+        """The FPR the threshold is set at (and TPR is reported at): the detector's own ``fpr``
+        hyperparameter when given, else the threat model's (the spec's ``threat_model.fpr``)."""
+        own = getattr(self.params, "fpr", None)
+        return self.threat.fpr if own is None else float(own)
+
+    def needs_validation(self) -> bool:
+        """Whether the detector sets a threshold on the validation split (False for a fixed
+        decision rule)."""
+        return True
+
     def setup(self, data, base_checkpoint):
         load_guarded_classifier(self.model, base_checkpoint, data, self.name)
+        if self.needs_validation():
+            self.val_x, self.val_y = self.validation_images(data)
+
+    def validation_images(self, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """The validation split (float, on the model's device): clean images that neither the
+        guarded classifier nor the detector trained on. Calibrating on the classifier's own
+        training images, whose scores run lower, rejects more unseen clean inputs than stated."""
+        if data.n_val == 0:
+            raise DefenseConfigError(f"{self.name}: sets its threshold on the validation split, "
+                                     "which is empty; set validation_samples > 0 in the spec")
+        device = next(self.model.parameters()).device
+        return as_float(data.val_x, device), data.val_y.to(device)
+
+    def calibrate_score(self, raw_score, x: torch.Tensor | None = None,
+                        batch_size: int = 256) -> tuple[float, torch.Tensor]:
+        """(threshold at ``target_fpr``, the clean scores) of ``raw_score(x, logits)`` over
+        ``x`` (default: the validation split)."""
+        if x is None:
+            if getattr(self, "val_x", None) is None:
+                raise RuntimeError(f"{self.name}: no validation images to calibrate on; run setup first")
+            x = self.val_x
+        batches = ((x[i:i + batch_size], None) for i in range(0, len(x), batch_size))
+        return calibrate_threshold(raw_score, self.model, batches, self.target_fpr)
 
     def train_epoch(self, batches, optimizer, epoch, scheduler=None):
         # nothing to learn: the classifier is the base model and stays as it is
@@ -296,7 +381,7 @@ class GuardDetector(Defense):
             return {}
         x, y = holdout
         fgsm = attack_lib.make("fgsm", self.model, self.threat.eps)
-        report = detection_report(self, x, y, craft([fgsm], x, y), fpr=self.report_fpr)
+        report = detection_report(self, x, y, craft([fgsm], x, y), fpr=self.target_fpr)
         return {f"holdout.{k}": v for k, v in report.as_metrics().items()}
 
     @abc.abstractmethod
@@ -334,9 +419,33 @@ class GuardDetector(Defense):
                 budgets.append(int(m.group(2)) if m.group(2) else self.DEFAULT_BUDGET)
         return max(budgets, default=self.DEFAULT_BUDGET)
 
-    def adaptive_attacks(self, eps):
+    def full_strength(self, eps: float) -> bool:
+        """Whether ``eps`` is the threat model's ε, the one of the trial's robust accuracy and of
+        the gradient-masking checks. There the adaptive set is complete (restarts, Square, and
+        whatever a subclass adds); at the robustness curve's other ε the gradient attacks run
+        once and Square is left out. A detector keeps most points through its cascade at the
+        curve's small ε, so those attacks there would double a detector trial's evaluation
+        (measured in docs/detectors.md) for a curve drawn on a subset anyway."""
+        return math.isclose(eps, self.threat.eps, rel_tol=1e-9, abs_tol=1e-12)
+
+    def gradient_attacks(self, eps: float) -> list[Attack]:
         """Extra-class C&W (the budget split over 2 rounds of its search on c), then orthogonal
-        PGD, both stopping per example at the first accepted misclassification."""
+        PGD, both stopping per example at the first accepted misclassification, each with
+        ``ADAPTIVE_RESTARTS`` runs at full strength (``full_strength``), one run otherwise."""
         k, joint = self.adaptive_budget(), self.joint()
-        return [ExtraClassCW(joint, eps, steps=max(k // 2, 1), search_steps=2, early_stop=True),
-                OrthogonalPGD(joint, eps, steps=k, early_stop=True)]
+        r = self.ADAPTIVE_RESTARTS if self.full_strength(eps) else 1
+        return [ExtraClassCW(joint, eps, steps=max(k // 2, 1), search_steps=2, early_stop=True,
+                             restarts=r),
+                OrthogonalPGD(joint, eps, steps=k, early_stop=True, restarts=r)]
+
+    def square_attack(self, eps: float) -> Attack:
+        """Square on "misclassified and accepted" (``JointSquare``), 5 queries per budget step:
+        gradient-free, so a detector whose score has no usable gradient cannot hide behind it."""
+        queries = max(self.SQUARE_PER_STEP * self.adaptive_budget(), self.SQUARE_MIN_QUERIES)
+        return JointSquare(self.joint(), eps, queries=queries)
+
+    def adaptive_attacks(self, eps):
+        """The gradient detector-aware attacks, then, at full strength, Square on the joint
+        decision (last: it only runs on what the gradient attacks leave)."""
+        extra = [self.square_attack(eps)] if self.full_strength(eps) else []
+        return self.gradient_attacks(eps) + extra

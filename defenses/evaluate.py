@@ -23,19 +23,25 @@ adversarial input is defended.
 
 Presets (``PRESETS``):
 
-- ``fast``: FGSM + PGD-20, the cheap pair a sweep evaluates every trial with.
+- ``fast``: FGSM, APGD-CE-20, APGD-T-20×3: the cascade a sweep evaluates every trial with.
+  Fixed-step PGD overstates short trials by 20–35 points; this list is within 3–8 of
+  AutoAttack on them (docs/evaluation.md).
 - ``standard``: AutoAttack "standard" (Croce & Hein 2020): APGD-CE (100 steps), APGD-T (100
   steps, 9 target classes), FAB-T (100 steps, 9 targets), Square (5000 queries), all from
   torchattacks with one restart each. torchattacks' own ``AutoAttack`` (the ``autoattack``
   attack) runs 10 steps per component; this preset runs the paper's 100. Reduced budgets are
   spelled out by name: ``apgd_t-50x3`` is APGD-T with 50 steps and 3 target classes.
+- ``reduced``: the same four attacks at budgets a CPU affords on a sweep's whole front:
+  APGD-CE-50, APGD-T-50×3, FAB-T-50×3, Square-1000 (the default preset's final evaluation;
+  how far it stands from ``standard`` is measured in docs/evaluation.md).
 - ``adaptive``: the defense's ``adaptive_attacks(eps)`` (BPDA and full differentiation through
   saliency steps, EOT, detector-aware attacks, transfer from a base model). A defense without
   any is a plain differentiable classifier, whose adaptive attack is strong white-box PGD on
   it: ``pgd-40`` + ``pgd_cw-40``.
-- ``paper``: the defense's own published attack settings, read from the optional hook
-  ``paper_attacks``: a method ``paper_attacks(self, eps) -> list[str | Attack]`` or a class
-  attribute holding attack names. Without it the preset falls back to ``fast`` (logged).
+- ``paper``: the defense's own published attack settings, ``Defense.paper_attacks(eps) ->
+  list[str | Attack] | None``. A defense whose method returns None (the base class's) defines
+  no paper setting: ``paper`` is then an ``EvalConfigError`` naming the presets it can use
+  (``check_paper`` says so from the class alone, before anything is built).
 """
 from __future__ import annotations
 
@@ -59,10 +65,14 @@ log = logging.getLogger(__name__)
 
 AttackSpec = Union[str, Attack]
 
-FAST = ("fgsm", "pgd-20")
+# APGD's step size adapts, so short, rough-surfaced trials are attacked as well as converged
+# ones; targeted DLR finds most of what CE leaves (docs/evaluation.md, search-time cascade)
+FAST = ("fgsm", "apgd_ce-20", "apgd_t-20x3")
 STANDARD = ("apgd_ce-100", "apgd_t-100", "fab_t-100", "square-5000")
+# AutoAttack standard's four attacks at budgets a CPU can afford on a whole sweep's front
+REDUCED = ("apgd_ce-50", "apgd_t-50x3", "fab_t-50x3", "square-1000")
 ADAPTIVE_FALLBACK = ("pgd-40", "pgd_cw-40")
-PRESETS = ("fast", "standard", "adaptive", "paper")
+PRESETS = ("fast", "standard", "reduced", "adaptive", "paper")
 PAPER_HOOK = "paper_attacks"
 
 NORMS = ("Linf", "L2")  # threat models a user may name
@@ -213,13 +223,29 @@ def make_attack(name: str, model: Callable, eps: float) -> Attack:
     return attack_lib.make(name, model, eps)
 
 
+def _no_paper_setting(name: str) -> EvalConfigError:
+    usable = ", ".join(p for p in PRESETS if p != "paper")
+    return EvalConfigError(f"preset 'paper': defense {name!r} defines no paper setting "
+                           f"({PAPER_HOOK}); use the presets {usable} or attack names")
+
+
+def check_paper(defense_cls: type, names: Sequence[AttackSpec]) -> None:
+    """EvalConfigError when ``names`` ask for the ``paper`` preset and ``defense_cls`` defines
+    no paper setting (it does not override ``Defense.paper_attacks``). Decided from the class,
+    so a sweep spec fails before Ray starts and before any defense is built."""
+    if not any(isinstance(n, str) and n == "paper" for n in names):
+        return
+    if getattr(defense_cls, PAPER_HOOK, Defense.paper_attacks) is Defense.paper_attacks:
+        raise _no_paper_setting(getattr(defense_cls, "name", defense_cls.__name__))
+
+
 def paper_attacks(defense: Defense, eps: float) -> list[AttackSpec] | None:
-    """The defense's ``paper_attacks`` hook (method or class attribute), or None."""
-    hook = getattr(defense, PAPER_HOOK, None)
-    if hook is None:
+    """``defense.paper_attacks(eps)`` as a list, or None when it defines no paper setting."""
+    specs = defense.paper_attacks(eps)
+    if specs is None:
         return None
-    specs = list(hook(eps) if callable(hook) else hook)
-    if any(s in ("paper",) for s in specs if isinstance(s, str)):
+    specs = list(specs)
+    if any(s == "paper" for s in specs if isinstance(s, str)):
         raise EvalConfigError(f"{defense.name}.{PAPER_HOOK} may not name the 'paper' preset itself")
     return specs
 
@@ -229,14 +255,15 @@ def _preset(name: str, defense: Defense, eps: float) -> list[AttackSpec]:
         return list(FAST)
     if name == "standard":
         return list(STANDARD)
+    if name == "reduced":
+        return list(REDUCED)
     if name == "adaptive":
         own = defense.adaptive_attacks(eps)
         return own if own else list(ADAPTIVE_FALLBACK)
     specs = paper_attacks(defense, eps)
     if specs is None:
-        log.info("%s has no %s hook: the 'paper' preset falls back to 'fast'",
-                 getattr(defense, "name", type(defense).__name__), PAPER_HOOK)
-        return list(FAST)
+        # no silent substitute: numbers labelled "paper" must come from the paper's attacks
+        raise _no_paper_setting(getattr(defense, "name", type(defense).__name__))
     return specs
 
 
@@ -379,17 +406,20 @@ class Report:
     flags: dict[str, bool]               # gradient-masking indicators (``flag.<name>``)
     evidence: dict[str, float]           # the numbers behind the flags
     seconds: float
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the defense's own
 
     @property
     def primary(self) -> EvalResult:
         return next(iter(self.results.values()))
 
     def curve_columns(self) -> dict[str, float]:
-        """``robust_acc@<ε>`` and ``acc.<attack>@<ε>`` for every ε (the primary one too)."""
+        """``robust_acc@<ε>``, ``n_eval@<ε>`` and ``acc.<attack>@<ε>`` for every ε (the primary
+        one too)."""
         out: dict[str, float] = {}
         for eps, r in self.results.items():
             label = eps_label(eps)
             out[f"robust_acc@{label}"] = r.robust_acc
+            out[f"n_eval@{label}"] = r.n
             out.update({f"acc.{a}@{label}": v for a, v in r.acc.items()})
         return out
 
@@ -413,10 +443,58 @@ def evaluate(defense: Defense, data: tuple[torch.Tensor, torch.Tensor], spec: Ev
         torch.manual_seed(spec.seed)
         found = masking_lib.check(defense, x, y, results, spec.masking, spec.batch_size)
         flags, evidence = found.flags, found.evidence
-    return Report(results, flags, evidence, time.perf_counter() - start)
+        count_broken(results[spec.eps[0]], found.broken, CHECK_PREFIX, CHECKS)
+    monotone_in_eps(results)
+    # the defense's own metrics run every attack on every point (not a cascade on survivors):
+    # bounded like the curve, on its first points
+    n = len(y) if spec.curve_samples is None else min(spec.curve_samples, len(y))
+    with frozen_eval(defense.model):
+        metrics = defense.evaluation_metrics(
+            x[:n], y[:n], build_attacks(spec.attacks, defense, spec.eps[0], spec.adaptive),
+            spec.batch_size)
+    return Report(results, flags, evidence, time.perf_counter() - start, metrics)
+
+
+CHECK_PREFIX = "check."      # acc/broken_by keys of the gradient-masking checks' attacks
+CHECKS = "checks"            # their name in ``robust_attack``
+SMALLER_EPS = "smaller_eps"  # acc/broken_by key (and robust_attack part): broken at a smaller ε
+
+
+def count_broken(result: EvalResult, broken: dict[str, torch.Tensor], prefix: str = "",
+                 label: str | None = None) -> None:
+    """Points other attacks fooled at ``result``'s ε (indices into its inputs) are not robust:
+    lower ``result`` by them, one ``acc``/``broken_by`` entry per attack, as if the cascade had
+    run them last, and name them in ``robust_attack`` (as ``label``, else each by name).
+    Whatever part of an evaluation ran an attack, its evidence counts."""
+    if not broken:
+        return
+    mask = result.robust_mask
+    for name, idx in broken.items():
+        idx = idx.cpu()
+        before = int(mask.sum())
+        mask[idx[idx < len(mask)]] = False
+        result.broken_by[prefix + name] = before - int(mask.sum())
+        result.acc[prefix + name] = mask.float().mean().item()
+    result.robust_acc = mask.float().mean().item()
+    names = [label] if label else [prefix + name for name in broken]
+    result.robust_attack = "+".join([result.robust_attack, *names])
+
+
+def monotone_in_eps(results: dict[float, EvalResult]) -> None:
+    """A point broken at a smaller ε is broken at every larger one (the same adversarial lies
+    in the larger ball): robust accuracy never rises with ε, on the points both evaluated."""
+    ordered = sorted(results.values(), key=lambda r: r.eps)
+    for i, big in enumerate(ordered[1:], start=1):
+        lost = torch.zeros_like(big.robust_mask)
+        for small in ordered[:i]:
+            n = min(small.n, big.n)
+            lost[:n] |= big.robust_mask[:n] & ~small.robust_mask[:n]
+        if lost.any():
+            count_broken(big, {SMALLER_EPS: lost.nonzero().squeeze(1)})
 
 
 __all__ = ["EvalResult", "EvalSpec", "Report", "benchmark", "evaluate", "build_attacks",
            "make_attack", "parse_attack", "check_attacks", "check_eps", "eps_label", "parse_eps",
            "default_eval_eps", "large_eps", "predict_labels", "EvalConfigError", "PRESETS",
-           "FAST", "STANDARD", "DEFAULT_EVAL_EPS", "LARGE_EPS"]
+           "count_broken", "monotone_in_eps",
+           "FAST", "STANDARD", "REDUCED", "DEFAULT_EVAL_EPS", "LARGE_EPS"]

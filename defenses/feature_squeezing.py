@@ -1,7 +1,10 @@
 """Feature squeezing (Xu, Evans & Qi, NDSS 2018): compare the classifier's softmax on x with
 its softmax on squeezed copies of x; the score is the largest L1 distance over the squeezers,
-and x is rejected when the score exceeds a threshold chosen on clean training inputs so that a
-fraction ``fpr`` of them would be rejected (the 95th percentile at the paper's 5 %).
+and x is rejected when the score exceeds a threshold chosen on clean inputs so that a fraction
+``fpr`` of them would be rejected (the 95th percentile at the paper's 5 %). Those clean inputs
+are the trial's validation split, which the guarded classifier never trained on: on its own
+training images the scores run lower and the threshold would reject more unseen inputs than
+stated. ``fpr`` None (the default) is the threat model's FPR (the spec's ``threat_model.fpr``).
 
 Squeezers (each switched off by 0):
 - bit-depth reduction to ``bit_depth`` bits: round(x·(2^b - 1)) / (2^b - 1);
@@ -30,8 +33,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from defenses.attacks.pgd import BIM
 from defenses.base import DefenseConfigError
-from defenses.detection import GuardDetector, calibrate_threshold
+from defenses.detection import GuardDetector
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +45,7 @@ class FeatureSqueezingParams:
     nlm_search: int = 0      # odd search window; 0 = no non-local means
     nlm_patch: int = 3       # odd patch side
     nlm_h: float = 4.0       # filter strength (0-255 units, as OpenCV)
-    fpr: float = 0.05        # fraction of clean training inputs the threshold rejects
+    fpr: float | None = None  # fraction of clean validation inputs rejected; None: the threat model's
 
 
 def bit_depth(x: torch.Tensor, bits: int, straight_through: bool = False) -> torch.Tensor:
@@ -115,8 +119,9 @@ class FeatureSqueezing(GuardDetector):
     @classmethod
     def validate(cls, params):
         p, where = params, "feature_squeezing"
-        if not (isinstance(p.fpr, (int, float)) and 0.0 < p.fpr < 1.0):
-            raise DefenseConfigError(f"{where}: fpr={p.fpr!r} must lie strictly between 0 and 1")
+        if p.fpr is not None and not (isinstance(p.fpr, (int, float)) and 0.0 < p.fpr < 1.0):
+            raise DefenseConfigError(f"{where}: fpr={p.fpr!r} must lie strictly between 0 and 1 "
+                                     "(or be null: the threat model's fpr)")
         if not (isinstance(p.bit_depth, int) and 0 <= p.bit_depth <= 8):
             raise DefenseConfigError(f"{where}: bit_depth={p.bit_depth!r} must be an integer "
                                      "0-8 (0 = off)")
@@ -146,22 +151,32 @@ class FeatureSqueezing(GuardDetector):
     def score(self, x, logits):
         if self.threshold is None:
             raise RuntimeError("feature_squeezing: the threshold is set by the first training "
-                               "epoch (calibration on clean training inputs); run it first")
+                               "epoch (calibration on the clean validation split); run it first")
         return self.raw_score(x, logits) - self.threshold
 
-    def calibrate(self, batches) -> dict[str, float]:
-        """Threshold = (1 - fpr) quantile of the clean scores over ``batches``."""
-        self.threshold, scores = calibrate_threshold(self.raw_score, self.model, batches,
-                                                     self.params.fpr)
-        return {"threshold": self.threshold, "train_score_mean": scores.mean().item()}
+    def calibrate(self, x: torch.Tensor | None = None) -> dict[str, float]:
+        """Threshold = (1 - fpr) quantile of the clean scores of ``x`` (default: the
+        validation split)."""
+        self.threshold, scores = self.calibrate_score(self.raw_score, x)
+        return {"threshold": self.threshold, "val_score_mean": scores.mean().item()}
 
     def train_epoch(self, batches, optimizer, epoch, scheduler=None):
-        # the classifier is not trained; the only thing learnt is the threshold
+        # the classifier is not trained; the only thing learnt is the threshold, on the
+        # validation split rather than on these batches (the classifier's training images)
         self.stop_training = True
-        return self.calibrate(batches)
+        return self.calibrate()
 
     def state_dict(self):
         return {"threshold": self.threshold}
 
     def load_state_dict(self, state):
         self.threshold = state.get("threshold")
+
+    def paper_attacks(self, eps: float) -> list:
+        """Xu et al.'s MNIST attacks inside the L∞ threat model, detector-unaware on the guarded
+        classifier: FGSM; BIM, 10 steps of ε/5 (their 0.06 at ε = 0.3); C&W∞ as PGD-100 on the
+        C&W margin loss; C&W-L2 (100 Adam steps, projected onto the ε-ball); DeepFool (50
+        steps, projected). Their targeted (next / least-likely class) variants, C&W0 and JSMA
+        (L0 attacks) have no counterpart in an L∞ ball."""
+        return ["fgsm", BIM(self.predictor(), eps, steps=10, alpha=eps / 5), "pgd_cw-100",
+                "cw-100", "deepfool-50"]

@@ -35,20 +35,25 @@ whatever the evaluation size.
 
 An effect counts when it moves at least ``min_points`` points and at least ``tol`` of the
 evaluated accuracy (a subset's effect is scaled to the whole evaluation set), so one unlucky
-point of a small subset raises nothing."""
+point of a small subset raises nothing.
+
+Every check attack that runs at the primary ε is also evidence: the points it breaks are
+returned in ``MaskingReport.broken`` (Square, the transfer PGD, the PGD-5/PGD-20 of the steps
+check, and the large-ε PGD's adversarials projected back onto the ε ball, a free extra start),
+and ``defenses.evaluate.evaluate`` lowers robust accuracy by them. A flag is a warning; a
+broken point is a fact."""
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
 import torch
 import torch.nn as nn
 
 from defenses.attacks import PGD, Attack, frozen_eval
 from defenses.base import predict_labels
-from defenses.attacks import make as make_attack
 from defenses.attacks.pgd import cw_margin_loss
 
 if TYPE_CHECKING:
@@ -86,6 +91,8 @@ class MaskingConfig:
 class MaskingReport:
     flags: dict[str, bool]
     evidence: dict[str, float]
+    # check attack name -> indices (into the evaluated x) of points it fooled at the primary ε
+    broken: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def attack_kind(name: str) -> str:
@@ -161,10 +168,14 @@ def check(defense: "Defense", x: torch.Tensor, y: torch.Tensor,
         robust_scale = primary.robust_acc / max(len(robust_idx), 1)
         xr, yr = x[robust_idx], y[robust_idx]
 
+        broken: dict[str, torch.Tensor] = {}
         for kind, flag, run in (("blackbox", "blackbox_beats_whitebox", _square_check),
                                 ("transfer", "transfer_beats_whitebox", _transfer_check)):
             count, frac = _cascade_extra(results, kind)
-            extra = run(defense, xr, yr, eps, cfg, batch_size, tuple(primary.acc))
+            found = run(defense, xr, yr, eps, cfg, batch_size, tuple(primary.acc))
+            extra = None if found is None else float(len(found[1]))
+            if found is not None:
+                broken[found[0]] = robust_idx[found[1]]
             ev[f"masking.{kind}_cascade_extra"] = frac
             ev[f"masking.{kind}_extra"] = math.nan if extra is None else extra * robust_scale
             sub_points = 0 if extra is None else round(extra)
@@ -172,8 +183,10 @@ def check(defense: "Defense", x: torch.Tensor, y: torch.Tensor,
                 extra is not None and _significant(sub_points, extra * robust_scale, cfg))
 
         flags["nonmonotone_eps"], ev["masking.eps_rise"] = _eps_rise(results, cfg)
-        flags["nonmonotone_steps"] = _steps_check(defense, xc, yc, eps, cfg, batch_size, clean_frac, ev)
-        flags["large_eps_robust"] = _large_eps_check(defense, xc, yc, eps, cfg, batch_size, ev)
+        flags["nonmonotone_steps"] = _steps_check(defense, xc, yc, eps, cfg, batch_size, clean_frac,
+                                                  ev, correct, broken)
+        flags["large_eps_robust"] = _large_eps_check(defense, xc, yc, eps, cfg, batch_size, ev,
+                                                     correct, broken)
         flags["zero_gradients"] = _gradient_check(defense, xc, yc, cfg, ev)
         flags["unstable_predictions"] = _stability_check(defense, x[:cfg.samples], pred, rej,
                                                          cfg, batch_size, ev)
@@ -181,28 +194,34 @@ def check(defense: "Defense", x: torch.Tensor, y: torch.Tensor,
     if raised:
         log.warning("%s: gradient-masking indicators raised: %s", getattr(defense, "name", "?"),
                     ", ".join(raised))
-    return MaskingReport(flags, ev)
+    return MaskingReport(flags, ev, broken)
 
 
-def _square_check(defense, xr, yr, eps, cfg, batch_size, cascade_names=()) -> float | None:
-    """Points of the still-robust subset Square fools (a count, as float); None when the
-    cascade already ran Square (its points are counted there)."""
+Found = Optional[tuple[str, torch.Tensor]]  # (check attack name, positions it fooled); None: not run
+
+
+def _fooled(defense, attack: Attack, x, y, batch_size: int) -> torch.Tensor:
+    """Positions in (x, y) that ``attack`` fools (accepted and wrong)."""
+    if len(y) == 0:
+        return torch.zeros(0, dtype=torch.long, device=y.device)
+    return (~_survivors(defense, attack, x, y, batch_size)).nonzero().squeeze(1)
+
+
+def _square_check(defense, xr, yr, eps, cfg, batch_size, cascade_names=()) -> Found:
+    """Square on the still-robust subset; None when the cascade already ran Square (its points
+    are counted there)."""
     if any(attack_kind(n) == "blackbox" for n in cascade_names):
         return None
-    if len(yr) == 0:
-        return 0.0
-    square = make_attack(f"square-{cfg.square_queries}", defense.predictor(), eps)
-    return float((~_survivors(defense, square, xr, yr, batch_size)).sum())
+    square = defense.blackbox_attack(eps, cfg.square_queries)
+    return f"square-{cfg.square_queries}", _fooled(defense, square, xr, yr, batch_size)
 
 
-def _transfer_check(defense, xr, yr, eps, cfg, batch_size, cascade_names=()) -> float | None:
+def _transfer_check(defense, xr, yr, eps, cfg, batch_size, cascade_names=()) -> Found:
     surrogate = surrogate_of(defense)
     if surrogate is None:
         return None
-    if len(yr) == 0:
-        return 0.0
     attack = PGD(surrogate, eps, steps=cfg.transfer_steps)
-    return float((~_survivors(defense, attack, xr, yr, batch_size)).sum())
+    return f"transfer-pgd-{cfg.transfer_steps}", _fooled(defense, attack, xr, yr, batch_size)
 
 
 def _eps_rise(results: Mapping[float, "EvalResult"], cfg: MaskingConfig) -> tuple[bool, float]:
@@ -216,22 +235,33 @@ def _eps_rise(results: Mapping[float, "EvalResult"], cfg: MaskingConfig) -> tupl
     return _significant(rise, rise / max(n, 1), cfg), rise / max(n, 1)
 
 
-def _steps_check(defense, xc, yc, eps, cfg, batch_size, clean_frac, ev) -> bool:
+def _steps_check(defense, xc, yc, eps, cfg, batch_size, clean_frac, ev, where, broken) -> bool:
     few, many = cfg.steps
     acc = {}
     for k in (few, many):
         surv = _survivors(defense, PGD(defense.predictor(), eps, steps=k), xc, yc, batch_size)
         acc[k] = int(surv.sum())
         ev[f"masking.acc_pgd{k}"] = acc[k] / max(len(yc), 1)
+        broken[f"pgd-{k}"] = where[~surv]
     rise = acc[many] - acc[few]
     return _significant(rise, rise / max(len(yc), 1) * clean_frac, cfg)
 
 
-def _large_eps_check(defense, xc, yc, eps, cfg, batch_size, ev) -> bool:
+def _large_eps_check(defense, xc, yc, eps, cfg, batch_size, ev, where, broken) -> bool:
+    """PGD at the large ε; its adversarials, projected back onto the ε ball, are judged at ε too."""
     big = cfg.large_eps if cfg.large_eps is not None else min(1.0, 8 * eps)
     attack = PGD(defense.predictor(), big, steps=cfg.steps[1])
-    acc = float(_survivors(defense, attack, xc, yc, batch_size, judge_rejection=False).float().mean()) \
-        if len(yc) else 0.0
+    correct_big, fooled_at_eps = [], []
+    for i in range(0, len(yc), batch_size):
+        x, y = xc[i:i + batch_size], yc[i:i + batch_size]
+        adv = attack(x, y)
+        correct_big.append(predict_labels(defense, adv, batch_size)[0] == y)
+        near = torch.min(torch.max(adv, x - eps), x + eps).clamp(0.0, 1.0)
+        pred, rej = predict_labels(defense, near, batch_size)
+        fooled_at_eps.append((pred != y) & ~rej)
+    acc = float(torch.cat(correct_big).float().mean()) if correct_big else 0.0
+    if fooled_at_eps:
+        broken[f"large_eps-pgd-{cfg.steps[1]}"] = where[torch.cat(fooled_at_eps)]
     ev["masking.large_eps"], ev["masking.acc_large_eps"] = big, acc
     return acc > cfg.large_eps_acc
 

@@ -54,7 +54,8 @@ import torch.nn.functional as F
 from defenses import data as data_lib
 from defenses import models as model_lib
 from defenses import saliency
-from defenses.attacks import pgd
+from defenses.attacks import Attack, pgd
+from defenses.attacks.pgd import random_start
 from defenses.base import BaseModelRequest, DefenseConfigError, LossDefense
 from defenses.trades import kl_adversarial, trades_loss
 
@@ -343,3 +344,35 @@ class SAT(LossDefense):
         metrics["sat_random_prob"] = self.params.alpha ** epoch
         metrics["saliency_seconds"] = self.saliency_seconds
         return metrics
+
+    def paper_attacks(self, eps: float) -> list:
+        """The paper's evaluation at the threat model's ε: PGD-5 (every table of Section 4),
+        PGD-20 and PGD-40 (appendix Table 5), uniform noise in the ε-ball and the saliency
+        attack x − ε·sign(∇ₓΦ_y(x)) (Table 4). Its TRADES attack (Table 4) states no budget and
+        is left out. PGD's step is the project's 2.5·ε/K (the paper does not give one)."""
+        model = self.predictor()
+        return ["pgd-5", "pgd-20", "pgd-40", UniformNoise(model, eps), SaliencySignAttack(model, eps)]
+
+
+class UniformNoise(Attack):
+    """x + U(−ε, ε)ᵈ, clipped to [0,1] (SAT's "Uniform-Noise" attack, Table 4): the model is
+    never queried. Images (N,C,H,W) in [0,1]; labels unused."""
+
+    name = "uniform_noise"
+
+    def forward(self, images, labels):
+        return images + random_start(images, self.eps)
+
+
+class SaliencySignAttack(Attack):
+    """SAT's saliency attack (Section 3, Fig. 2; Table 4): x − ε·sign(∇ₓΦ_y(x)), one step
+    against the saliency map of the true class y (the logit's input gradient) of the attacked
+    model. Images (N,C,H,W) in [0,1], labels (N,)."""
+
+    name = "saliency_sign"
+
+    def forward(self, images, labels):
+        with torch.enable_grad():
+            x = images.detach().requires_grad_(True)
+            grad, = torch.autograd.grad(self.model(x).gather(1, labels[:, None]).sum(), x)
+        return images - self.eps * grad.sign()

@@ -57,3 +57,8 @@ class TRADES(LossDefense):
         t = self.threat
         x_adv = kl_adversarial(self.model, x, t.eps, t.step_size, t.train_steps, t.attack_dtype)
         return trades_loss(self.model, x, y, x_adv, self.params.beta)
+
+    def paper_attacks(self, eps: float) -> list[str]:
+        """Zhang et al.'s MNIST white-box evaluation at the threat model's ε: FGSM and
+        FGSM^40 (PGD-40; the paper's step 0.01, here the project's 2.5·ε/K)."""
+        return ["fgsm", "pgd-40"]

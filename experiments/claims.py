@@ -1,14 +1,16 @@
 """The claim ledger (docs/claims.md) and the AutoAttack sanity check, from real runs.
 
-    python experiments/claims.py [--run-dir runs/claims] [--samples 100] [--sanity-samples 200]
+    python experiments/claims.py [--run-dir runs/claims] [--samples 1000] [--sanity-samples 1000]
                                  [--only sanity|ledger] [--out docs/claims.md]
 
 Every seed defense that is registered gets its papers' headline claims checked on
 mnist5k/small_cnn: the paper's number (its dataset and model), our number under the paper's own
 attack (its attack, steps and metric, at an MNIST ε), and our number under the strongest attack
-we have: a reduced AutoAttack (APGD-CE, APGD-T, FAB-T, Square) followed by the defense's own
-adaptive attacks (the ``adaptive`` preset: BPDA / full differentiation through saliency steps,
-transfer, detector-aware attacks), with the gradient-masking flags of that evaluation.
+we have: the default preset's final cascade, a reduced AutoAttack (the ``reduced`` preset:
+APGD-CE, APGD-T, FAB-T, Square) followed by the defense's own adaptive attacks (the ``adaptive``
+preset: BPDA / full differentiation through saliency steps, EOT, transfer, detector-aware
+attacks) and the gradient-masking checks, whose attacks count too. Every accuracy carries its
+95 % Wilson interval, every detection rate the count it is a share of.
 
 Models are trained once and kept under ``--run-dir`` (models/<config>/checkpoint.pt, base models
 under bases/), evaluations are cached as JSON (evals/), so a rerun after more defenses land only
@@ -39,6 +41,7 @@ from defenses.detection import craft, detection_report  # noqa: E402
 from orchestrator.bases import ensure_base  # noqa: E402
 from orchestrator.evaluate import eval_data, restore  # noqa: E402
 from orchestrator.spec import SweepSpec, parse  # noqa: E402
+from orchestrator.stats import accuracy_interval  # noqa: E402
 from orchestrator.trial import TrialSetup, build_setup, save_checkpoint, train  # noqa: E402
 
 EPS = 0.3
@@ -48,7 +51,7 @@ SETTINGS = {"name": "claims", "dataset": "mnist5k", "model": "small_cnn", "epoch
             "threat_model": {"eps": EPS, "attacks": ["fast"], "train_steps": 5},
             "defenses": ["standard"]}
 # AutoAttack "standard" at reduced budgets (the preset runs 100 steps, 9 targets, 5000 queries)
-STRONG = ("apgd_ce-50", "apgd_t-50x3", "fab_t-50x3", "square-500")
+STRONG = eval_lib.REDUCED
 SANITY_PGD = ("pgd-40",)
 FOUNDATION = ("fgsm", "pgd-40", "pgd_cw-40")
 
@@ -109,12 +112,14 @@ CLAIMS: list[Claim] = [
     Claim("002 Grad-CAM detector", "Saliency emphasis θ = 0.1 with zero mean detects FGSM and "
           "C&W while keeping clean accuracy (Table III/V).",
           "VGG16 ImageNet: OSPA 93.7 %, detection FGSM 82.8 %, C&W2 69.6 %",
-          Model("gradcam_zm", "gradcam_detector", (("theta", 0.1), ("enhancement", "zero_mean"))),
+          Model("gradcam_zm", "gradcam_detector", (("theta", 0.1), ("enhancement", "zero_mean"),
+                                                   ("rule", "paper"))),
           ("fgsm", "cw-50"), metric="detection",
           note="C&W-L2 (50 steps) projected onto the L∞ ball of ε = 0.3"),
     Claim("002 Grad-CAM detector", "Saliency emphasis alone, θ = 0.5 (Table I).",
           "VGG16: OSPA 69.5 %, detection FGSM 68.4 %, C&W2 76.8 %",
-          Model("gradcam_05", "gradcam_detector", (("theta", 0.5), ("enhancement", "none"))),
+          Model("gradcam_05", "gradcam_detector", (("theta", 0.5), ("enhancement", "none"),
+                                                   ("rule", "paper"))),
           ("fgsm", "cw-50"), metric="detection"),
     Claim("002 (Xu et al.)", "Feature squeezing, the baseline of paper 002 (Table IV/V).",
           "VGG16: OSPA 78.6 %, detection FGSM 50.6 % (5-bit, 2×2, NLM)",
@@ -212,8 +217,23 @@ def detection_eval(s: TrialSetup, attacks: tuple[str, ...], eps: float, n: int) 
 
 # ---------------------------------------------------------------- the two tables
 
-def pct(v: float) -> str:
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f} %"
+def pct(v: float, n: int | None = None) -> str:
+    """``48.0 %``, or with the ``n`` points it was measured on ``48.0 % [43.6, 52.4]`` (95 %
+    Wilson interval)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if not n:
+        return f"{100 * v:.1f} %"
+    low, high = accuracy_interval(v, n)
+    return f"{100 * v:.1f} % [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def rate(v: float, of: int) -> str:
+    """A detection rate with the count it is a share of: ``82.0 % (41/50) [69.2, 90.2]``."""
+    if of == 0 or v is None or (isinstance(v, float) and math.isnan(v)):
+        return "— (0 fooled)"
+    low, high = accuracy_interval(v, of)
+    return f"{100 * v:.1f} % ({round(v * of)}/{of}) [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def sanity(run_dir: Path, sp: SweepSpec, n: int) -> list[str]:
@@ -238,8 +258,9 @@ def sanity(run_dir: Path, sp: SweepSpec, n: int) -> list[str]:
         fnd = cached(run_dir, {**key, "what": "foundation"},
                      lambda: robust_eval(s, FOUNDATION, EPS, n, False, False))
         raised = ", ".join(k for k, v in aa["flags"].items() if v) or "none"
-        rows.append(f"| {m.key} | {pct(pgd['clean'])} | {pct(pgd['robust'])} | {pct(restarts['robust'])} "
-                    f"| {pct(big['robust'])} | {pct(aa['robust'])} ({_steps(aa)}) | {pct(fnd['robust'])} "
+        rows.append(f"| {m.key} | {pct(pgd['clean'], n)} | {pct(pgd['robust'], n)} "
+                    f"| {pct(restarts['robust'], n)} | {pct(big['robust'], n)} "
+                    f"| {pct(aa['robust'], n)} ({_steps(aa)}) | {pct(fnd['robust'], n)} "
                     f"| {100 * (aa['robust'] - pgd['robust']):+.1f} pts | {raised} |")
     return rows
 
@@ -289,18 +310,25 @@ def evaluate_claim(c: Claim, run_dir: Path, sp: SweepSpec, n: int) -> tuple[dict
 
 
 def paper_attacks_of(c: Claim) -> tuple[str, ...]:
-    """The ``paper`` preset when the defense defines its ``paper_attacks`` hook, else the
-    claim's own reproduction of the paper's attack."""
-    return ("paper",) if hasattr(registry.get(c.model.defense), eval_lib.PAPER_HOOK) else c.paper_attacks
+    """The ``paper`` preset when the defense defines its paper setting, else the claim's own
+    reproduction of the paper's attack."""
+    try:
+        eval_lib.check_paper(registry.get(c.model.defense), ["paper"])
+    except eval_lib.EvalConfigError:
+        return c.paper_attacks
+    return ("paper",)
 
 
 def ledger_row(c: Claim, paper: dict, strong: dict, ref: dict | None) -> str:
+    n = strong["n"]
     if c.metric == "detection":
-        ours_paper = (f"OSPA {pct(paper['ospa'])}; detection "
-                      + ", ".join(f"{a} {pct(v)}" for a, v in paper["detection"].items()))
+        ours_paper = (f"OSPA {pct(paper['ospa'], paper['n'])}, FPR {pct(paper['fpr'], paper['n'])}; "
+                      "detection " + ", ".join(f"{a} {rate(v, paper['fooled'][a])}"
+                                               for a, v in paper["detection"].items()))
         paper_robust = min(paper["robust_each"].values())  # benchmark's rule, worst paper attack
     else:
-        ours_paper = f"clean {pct(paper['clean'])}, {' → '.join(paper['acc'])} {pct(paper['robust'])}"
+        ours_paper = (f"clean {pct(paper['clean'], paper['n'])}, {' → '.join(paper['acc'])} "
+                      f"{pct(paper['robust'], paper['n'])}")
         paper_robust = paper["robust"]
     gap = f"{100 * (paper_robust - strong['robust']):+.1f} pts (robust acc.)"
     vs = "—" if ref is None else (f"{100 * (strong['robust'] - ref['robust']):+.1f} pts robust, "
@@ -308,7 +336,7 @@ def ledger_row(c: Claim, paper: dict, strong: dict, ref: dict | None) -> str:
                                   f"{c.ref.key}")
     raised = ", ".join(k for k, v in strong["flags"].items() if v) or "none"
     return (f"| {c.paper} | {c.claim} | {c.paper_number} | {ours_paper} (ε = {c.eps:g}) "
-            f"| clean {pct(strong['clean'])}, robust {pct(strong['robust'])} after "
+            f"| clean {pct(strong['clean'], n)}, robust {pct(strong['robust'], n)} after "
             f"{len(strong['acc'])} attacks{_last_breaker(strong)} | {gap} | {vs} | {raised} "
             f"| {c.note} |")
 
@@ -325,8 +353,9 @@ def _last_breaker(strong: dict[str, Any]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--run-dir", default="runs/claims")
-    p.add_argument("--samples", type=int, default=100, help="test images per ledger evaluation")
-    p.add_argument("--sanity-samples", type=int, default=200)
+    p.add_argument("--samples", type=int, default=1000, help="test images per ledger evaluation "
+                   "(mnist5k's whole test split by default)")
+    p.add_argument("--sanity-samples", type=int, default=1000)
     p.add_argument("--only", choices=["sanity", "ledger"], default=None)
     p.add_argument("--out", default="docs/claims.md")
     args = p.parse_args()
@@ -348,7 +377,9 @@ def write(out: Path, args, sanity_rows, ledger_rows, skipped, seconds) -> None:
             "cached under the run dir).\n",
             "Settings (reduced for a shared 2-core CPU): Adam lr 1e-3, batch 50, the first 2,000 "
             f"training images, {EPOCHS} epochs unless a row says otherwise; adversarial training "
-            "uses PGD-5 (step 2.5ε/5) at ε = 0.3. \"Reduced AutoAttack\" = "
+            "uses PGD-5 (step 2.5ε/5) at ε = 0.3. Brackets: 95 % Wilson intervals; a detection "
+            "rate shows (rejected/fooled), the successful adversarials it is a share of. "
+            "\"Reduced AutoAttack\" = "
             f"{', '.join(STRONG)} (APGD/FAB steps, target classes and Square queries below "
             "AutoAttack's 100 / 9 / 5000), run as one cascade; \"strongest\" appends the defense's "
             "own adaptive attacks (`adaptive` preset) to that cascade. Flags are the "

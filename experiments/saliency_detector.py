@@ -68,7 +68,9 @@ def setup_base(out: Path):
 
     spec = parse(SPEC)
     base = ensure_base(spec, BaseModelRequest("standard"), out / "run", torch.device("cpu"))
-    data = data_lib.load("mnist5k", seed=spec.seed)
+    # as in a trial: the validation split (the threshold's images) is the last of the seeded
+    # order, the classifier trained on the first 2000
+    data = data_lib.hold_out_validation(data_lib.load("mnist5k", seed=spec.seed), spec.validation_samples)
     train = dataclasses.replace(data, train_x=data.train_x[HOLDOUT:2000], train_y=data.train_y[HOLDOUT:2000])
     holdout = (data.train_x[:HOLDOUT], data.train_y[:HOLDOUT])
     return base, train, holdout

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 DEFAULT_OBJECTIVES: tuple[str, ...] = ("clean_acc", "robust_acc")
 # Prefixed column groups of a trial row, in CSV order (see TrialRecord.to_row).
 CURVE_PREFIX = "robust_acc@"   # robustness curve: robust_acc@<eps> (e.g. robust_acc@0.1, @8/255)
-GROUP_PREFIXES: tuple[str, ...] = (CURVE_PREFIX, "hp.", "acc.", "flag.", "metric.")
+GROUP_PREFIXES: tuple[str, ...] = (CURVE_PREFIX, "robust_acc_ci_", "n_eval@", "hp.", "acc.", "flag.",
+                                   "metric.")
 FLAG_PREFIX = "flag."
 SUSPECT_COLUMN = "suspect"
 TAIL_COLUMNS: tuple[str, ...] = ("error", SUSPECT_COLUMN)
@@ -42,8 +43,8 @@ def order_columns(df: pd.DataFrame) -> pd.DataFrame:
     suspect, then anything unknown. Missing identity/tail columns are added (empty) so that
     downstream code and header-only CSVs always see the same schema."""
     cols = list(df.columns)
-    grouped = [sorted(c for c in cols if isinstance(c, str) and c.startswith(p))
-               for p in GROUP_PREFIXES]
+    grouped = [sorted(c for c in cols if isinstance(c, str) and c.startswith(p)
+                      and c not in IDENTITY_COLUMNS) for p in GROUP_PREFIXES]
     known = set(IDENTITY_COLUMNS) | set(TAIL_COLUMNS) | {c for g in grouped for c in g}
     order = [*IDENTITY_COLUMNS, *(c for g in grouped for c in g), *TAIL_COLUMNS,
              *(c for c in cols if c not in known)]
@@ -227,6 +228,77 @@ def _nondominated_kd(points: np.ndarray) -> np.ndarray:
     keep = np.zeros(n, dtype=bool)
     keep[alive] = True
     return keep
+
+
+def ci_columns(objective: str) -> tuple[str, str]:
+    """The interval columns of an accuracy column: ``robust_acc@0.1`` ->
+    (``robust_acc_ci_low@0.1``, ``robust_acc_ci_high@0.1``)."""
+    base, at, eps = objective.partition("@")
+    return f"{base}_ci_low{at}{eps}", f"{base}_ci_high{at}{eps}"
+
+
+def _interval_matrices(df: pd.DataFrame, objectives: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(lows, highs) of the objectives' intervals; a missing interval is the point itself."""
+    point = _objective_matrix(df, objectives)
+    lows, highs = point.copy(), point.copy()
+    for j, obj in enumerate(objectives):
+        lo, hi = ci_columns(obj)
+        if lo in df.columns and hi in df.columns:
+            lows[:, j] = np.where(df[lo].isna(), point[:, j], df[lo].to_numpy(float, na_value=np.nan))
+            highs[:, j] = np.where(df[hi].isna(), point[:, j], df[hi].to_numpy(float, na_value=np.nan))
+    return lows, highs
+
+
+def front_layers(df: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES,
+                 layers: int = 2, exclude_flagged: bool = False) -> pd.DataFrame:
+    """The rows of the first ``layers`` non-dominated layers (non-dominated sorting: layer 2
+    is the front of what remains once layer 1 is taken away)."""
+    taken: list[pd.DataFrame] = []
+    rest = df
+    for _ in range(layers):
+        layer = pareto_front(rest, objectives, exclude_flagged=exclude_flagged)
+        if layer.empty:
+            break
+        taken.append(layer)
+        rest = rest.drop(index=layer.index)
+    return pd.concat(taken) if taken else df.iloc[:0]
+
+
+def reaches_front(df: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES,
+                  exclude_flagged: bool = False) -> pd.Series:
+    """True for candidates whose interval reaches the front: the upper corner of their
+    intervals is dominated by no front member, so within the measurement's uncertainty they
+    could be on it."""
+    front = pareto_front(df, objectives, exclude_flagged=exclude_flagged)
+    out = pd.Series(False, index=df.index)
+    candidates = _candidate_mask(df, objectives, exclude_flagged)
+    if front.empty or not candidates.any():
+        return out
+    _, highs = _interval_matrices(df.loc[candidates], objectives)
+    points = _objective_matrix(front, objectives)
+    dominated = ((points[None, :, :] >= highs[:, None, :]).all(2)
+                 & (points[None, :, :] > highs[:, None, :]).any(2)).any(1)
+    out.loc[df.index[candidates]] = ~dominated
+    return out
+
+
+def on_front_within_ci(df: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES,
+                       exclude_flagged: bool = False) -> pd.Series:
+    """True for a trial off the front whose intervals overlap, in every objective, those of a
+    front member that dominates it: the data cannot tell the two apart."""
+    front = pareto_front(df, objectives, exclude_flagged=exclude_flagged)
+    out = pd.Series(False, index=df.index)
+    candidates = _candidate_mask(df, objectives, exclude_flagged) & ~df.index.isin(front.index)
+    if front.empty or not candidates.any():
+        return out
+    sub = df.loc[candidates]
+    lows, highs = _interval_matrices(sub, objectives)
+    f_lows, f_highs = _interval_matrices(front, objectives)
+    p, q = _objective_matrix(sub, objectives), _objective_matrix(front, objectives)
+    dominates = (q[None] >= p[:, None]).all(2) & (q[None] > p[:, None]).any(2)
+    overlap = ((lows[:, None] <= f_highs[None]) & (f_lows[None] <= highs[:, None])).all(2)
+    out.loc[sub.index] = (dominates & overlap).any(1)
+    return out
 
 
 # ---------------------------------------------------------------------------- hypervolume

@@ -21,8 +21,10 @@ def base_key(spec: SweepSpec, request: BaseModelRequest) -> str:
     recipe = {"defense": request.defense, "params": dict(request.params),
               "epochs": request.epochs or spec.epochs, "dataset": spec.dataset, "model": spec.model,
               "seed": spec.seed, "train_samples": spec.train_samples,
+              "validation_samples": spec.validation_samples,
               "optimizer": spec.optimizer.model_dump(), "batch_size": spec.batch_size,
-              "threat": spec.threat_model.model_dump(exclude={"attacks"})}
+              # a detector's FPR does not change the model it guards: one base for every fpr
+              "threat": spec.threat_model.model_dump(exclude={"attacks", "fpr"})}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     return f"{spec.dataset}-{spec.model}-{request.defense}-s{spec.seed}-{digest}"
 

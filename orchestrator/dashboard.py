@@ -28,6 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator.records import COMPLETED, FAILED, RUNNING, TrialRecord
+from orchestrator.stats import accuracy_interval
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class _Row:
     epochs: int = 0
     clean: float = math.nan
     robust: float = math.nan
+    n: int = 0                     # test points behind clean/robust (their ± is its interval)
     attack: str = ""
     flags: dict[str, bool] = field(default_factory=dict)
     seconds: float = math.nan      # training time from the record, when there is one
@@ -184,6 +186,7 @@ class Dashboard(Callback):
             if row.ended is None:
                 row.record = record
                 row.clean, row.robust = _num(record.clean_acc), _num(record.robust_acc)
+                row.n = record.n_eval
                 row.attack, row.seconds = record.robust_attack, _num(record.train_seconds)
                 row.flags.update({k: bool(v) for k, v in record.flags.items()})
                 row.epochs = record.epochs or row.epochs
@@ -312,7 +315,7 @@ class Dashboard(Callback):
             return f"{head} stopped ({row.reason}) {tail}"
         attack = f" ({row.attack})" if row.attack else ""
         flags = " ".join(f"flag:{k}" for k, v in sorted(row.flags.items()) if v)
-        return (f"{head} completed clean={_pct(row.clean)} robust={_pct(row.robust)}{attack}"
+        return (f"{head} completed clean={_pct(row.clean, row.n)} robust={_pct(row.robust, row.n)}{attack}"
                 f" {tail}" + (f" {flags}" if flags else ""))
 
     # ---------------------------------------------------------------- view
@@ -394,8 +397,8 @@ class Dashboard(Callback):
                              justify="right" if name in ("clean", "robust") else "left")
         for tid in self._front_ids:
             r = self._rows[tid]
-            table.add_row(tid, r.defense, self._hp_text(r), _pct(r.clean),
-                          _pct(r.robust) + (f" ({r.attack})" if r.attack else ""),
+            table.add_row(tid, r.defense, self._hp_text(r), _pct(r.clean, r.n),
+                          _pct(r.robust, r.n) + (f" ({r.attack})" if r.attack else ""),
                           _flag_markers(r.flags))
         return table
 
@@ -458,8 +461,15 @@ def _fmt(v: Any) -> str:
     return _truncate(str(v), 16)
 
 
-def _pct(v: float) -> str:
-    return "—" if math.isnan(v) else f"{100 * v:.1f}%"
+def _pct(v: float, n: int = 0) -> str:
+    """``49.6%``, or with ``n`` test points ``49.6±4.4%``: the larger side of its 95 % Wilson
+    interval."""
+    if math.isnan(v):
+        return "—"
+    if n <= 0:
+        return f"{100 * v:.1f}%"
+    low, high = accuracy_interval(v, n)
+    return f"{100 * v:.1f}±{100 * max(v - low, high - v):.1f}%"
 
 
 def _truncate(s: str, width: int) -> str:

@@ -12,11 +12,13 @@ gradient-masking checks. Bad input (unknown attack or preset, ε outside [0,1], 
 the attacks do not support, a checkpoint that does not match the model/dataset) is one line on
 stderr and exit code 2, before anything expensive runs.
 
-``final_evaluation(run_dir, spec)`` is the sweep's ``--final-eval``: the trials on the Pareto
-fronts (the primary ε and every ε of the curve) are re-evaluated with the spec's
-``threat_model.final_eval`` attacks, until every front member carries final numbers (a trial
-can join a front when another one's robust accuracy drops). Each record keeps its search-time
-numbers as ``metric.search.*`` and gets ``metric.final_eval = 1``."""
+``final_evaluation(run_dir, spec)`` is the sweep's final evaluation (``threat_model.final_eval``,
+AutoAttack standard by default; ``--final-eval none`` opts out): every trial that could be on
+a final front (the first two non-dominated layers at the primary ε and at every ε of the
+curve, and any trial whose interval reaches a front) is re-evaluated on ``final_samples`` test
+images, as Ray tasks with the trial's own resources, until no such trial is left with
+search-time numbers. A re-evaluated record keeps its search-time robust accuracy in
+``robust_acc_search`` and names the final cascade in ``final_attack``."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+import pandas as pd
 import torch
 import yaml
 
@@ -35,7 +38,7 @@ from defenses import evaluate as eval_lib
 from defenses import registry
 from defenses.base import DefenseConfigError
 from defenses.data import DatasetError, as_float
-from defenses.masking import FLAGS
+from orchestrator.aggregate import fronts_by_eps, front_layers, merge_runs, reaches_front
 from orchestrator.records import TrialRecord, load_records, save_record, write_json_atomic
 from orchestrator.spec import SpecError, SweepSpec, parse
 from orchestrator.trial import CHECKPOINT_FILE, TrialSetup, build_setup, load_checkpoint
@@ -43,7 +46,6 @@ from orchestrator.trial import CHECKPOINT_FILE, TrialSetup, build_setup, load_ch
 log = logging.getLogger("orchestrator.evaluate")
 EXIT_BAD_INPUT = 2
 SPEC_FILE = "spec.json"
-SEARCH_PREFIX = "search."
 
 
 class EvaluateError(Exception):
@@ -169,35 +171,28 @@ def eval_data(s: TrialSetup, samples: int | None) -> tuple[torch.Tensor, torch.T
 
 # ---------------------------------------------------------------- the sweep's final evaluation
 
-def apply_report(record: TrialRecord, report: eval_lib.Report, defense_flags: dict[str, bool]) -> None:
-    """Replace a record's evaluation by ``report``, keeping the search-time numbers."""
-    old = {"clean_acc": record.clean_acc, "robust_acc": record.robust_acc}
-    result = report.primary
-    record.metrics = {k: v for k, v in record.metrics.items() if not k.startswith("masking.")}
-    record.metrics.update({f"{SEARCH_PREFIX}{k}": v for k, v in old.items()})
-    record.metrics.update({"final_eval": 1.0, "clean_rejected": result.clean_rejected,
-                           **report.evidence})
-    record.clean_acc, record.robust_acc = result.clean_acc, result.robust_acc
-    record.robust_attack, record.acc = result.robust_attack, dict(result.acc)
-    record.eval_seconds = report.seconds
-    # training-time flags (e.g. catastrophic_overfitting) stay; the masking ones are redone
-    kept = {k: v for k, v in record.flags.items() if k not in FLAGS}
-    record.flags = {**kept, **defense_flags, **report.flags}
-    record.curve = report.curve_columns()
+def apply_report(record: TrialRecord, report: eval_lib.Report, final_attack: str) -> None:
+    """Replace a record's evaluation by the final ``report``, keeping the search-time robust
+    accuracy in ``robust_acc_search`` (the first one, if a trial is re-evaluated again)."""
+    if not record.final_evaluated:
+        record.robust_acc_search = record.robust_acc
+    record.set_evaluation(report)
+    record.final_attack = final_attack
 
 
-def front_ids(run_dir: Path, spec: SweepSpec) -> set[str]:
-    """Trial ids on the primary front and on every ε's front."""
-    from orchestrator.aggregate import fronts_by_eps, merge_runs, pareto_front
-
-    df = merge_runs([run_dir])
+def final_candidates(df: pd.DataFrame, spec: SweepSpec) -> set[str]:
+    """Trials that could be on a final front: the first two non-dominated layers at the
+    primary ε and at every ε of the curve, plus any trial whose interval reaches a front."""
     if df.empty:
         return set()
     flagged_off = spec.threat_model.exclude_flagged
-    ids = set(pareto_front(df, spec.objectives, exclude_flagged=flagged_off)["trial_id"])
-    for _, front in fronts_by_eps(df, spec.objectives, flagged_off).values():
-        ids |= set(front["trial_id"])
-    return {str(i) for i in ids}
+    objective_sets = [tuple(spec.objectives)]
+    objective_sets += [objs for objs, _ in fronts_by_eps(df, spec.objectives, flagged_off).values()]
+    ids: set[str] = set()
+    for objs in objective_sets:
+        ids |= set(front_layers(df, objs, 2, flagged_off)["trial_id"].astype(str))
+        ids |= set(df.loc[reaches_front(df, objs, flagged_off), "trial_id"].astype(str))
+    return ids
 
 
 def local_checkpoint(path: str) -> Path:
@@ -211,7 +206,7 @@ def local_checkpoint(path: str) -> Path:
 
 def with_eval_options(spec: SweepSpec, final_eval: str | None = None,
                       exclude_flagged: bool = False) -> SweepSpec:
-    """The sweep CLI's ``--final-eval A,B`` / ``--exclude-flagged`` folded into the spec's
+    """The sweep CLI's ``--final-eval A,B|none`` / ``--exclude-flagged`` folded into the spec's
     threat model (validated like the spec: SpecError, exit 2, on a bad name)."""
     update: dict[str, Any] = {}
     if final_eval:
@@ -225,42 +220,76 @@ def with_eval_options(spec: SweepSpec, final_eval: str | None = None,
     return parse(raw)
 
 
-def final_evaluation(run_dir: Path, spec: SweepSpec, attacks: Sequence[str] | None = None,
-                     device: torch.device | None = None) -> list[str]:
-    """Re-evaluate the front with ``attacks`` (default: the spec's ``final_eval``) until every
-    trial on a front has been; returns the ids visited. Records without a usable checkpoint
-    keep their search-time numbers with ``metric.final_eval = 0`` (logged)."""
+def reevaluate(record: dict[str, Any], spec: dict[str, Any], run_dir: str,
+               attacks: Sequence[str]) -> dict[str, Any]:
+    """One trial's final evaluation: restore its checkpoint (base models from ``run_dir``,
+    never retrained), evaluate it with ``attacks`` on the spec's ``final_samples`` test
+    images, return the updated record (as a dict). A checkpoint that cannot be restored
+    leaves the record's search-time numbers, with the reason in ``error``."""
+    from orchestrator.trial import choose_device
+
+    rec, sweep = TrialRecord.from_dict(record), SweepSpec.model_validate(spec)
+    torch.set_num_threads(max(1, int(sweep.resources.cpus_per_trial)))
+    try:
+        s = restore(local_checkpoint(rec.checkpoint), sweep, Path(run_dir),
+                    choose_device(sweep.resources.gpus_per_trial))
+    except EvaluateError as e:
+        log.error("trial %s not re-evaluated: %s", rec.trial_id, e)
+        rec.error = f"final evaluation: {e}"
+        return rec.to_dict()
+    report = eval_lib.evaluate(s.defense, eval_data(s, sweep.final_samples or len(s.data.test_y)),
+                               eval_spec(s, attacks))
+    apply_report(rec, report, report.primary.robust_attack)
+    return rec.to_dict()
+
+
+def final_evaluation(run_dir: Path, spec: SweepSpec, attacks: Sequence[str] | None = None) -> list[str]:
+    """Re-evaluate every trial that could be on a final front with ``attacks`` (default: the
+    spec's ``final_eval``), then again for trials that the new numbers bring close to a
+    front, until no candidate is left without final numbers; returns the ids re-evaluated.
+
+    With Ray running (the sweep), each trial is a Ray task holding the trial's own CPUs and
+    GPUs, all in parallel, so AutoAttack runs where the trials ran (a cluster's GPU nodes),
+    not in the driver; without Ray (a notebook) they run here, one after another."""
     attacks = list(attacks or spec.threat_model.final_eval or [])
     if not attacks:
         return []
     run_dir = Path(run_dir)
-    done: set[str] = set()
+    visited: set[str] = set()
     while True:
-        todo = sorted(front_ids(run_dir, spec) - done)
-        if not todo:
-            return sorted(i for i in done)
         records = {r.trial_id: r for r in load_records(run_dir)}
-        for trial_id in todo:
-            done.add(trial_id)
-            rec = records.get(trial_id)
-            if rec is None:
-                continue
+        visited |= {i for i, r in records.items() if r.final_evaluated}
+        todo = [records[i] for i in sorted(final_candidates(merge_runs([run_dir]), spec) - visited)
+                if i in records]
+        if not todo:
+            return sorted(i for i in visited if records.get(i) and records[i].final_evaluated)
+        for rec in todo:
+            visited.add(rec.trial_id)
             if not rec.checkpoint:
-                log.warning("trial %s has no checkpoint: kept with its search-time numbers", trial_id)
-                rec.metrics["final_eval"] = 0.0
-                save_record(run_dir, rec)
-                continue
-            try:
-                s = restore(local_checkpoint(rec.checkpoint), spec, run_dir, device)
-            except EvaluateError as e:  # one bad checkpoint must not sink the sweep's results
-                log.error("trial %s not re-evaluated: %s", trial_id, e)
-                rec.metrics["final_eval"] = 0.0
-                save_record(run_dir, rec)
-                continue
-            report = eval_lib.evaluate(s.defense, eval_data(s, None), eval_spec(s, attacks))
-            apply_report(rec, report, s.defense.flags())
-            save_record(run_dir, rec)
-            log.info("final evaluation of %s (%s): robust %.4f", trial_id, rec.defense, rec.robust_acc)
+                log.warning("trial %s has no checkpoint: kept with its search-time numbers", rec.trial_id)
+        for done in _run_all([r for r in todo if r.checkpoint], spec, run_dir, attacks):
+            save_record(run_dir, done)
+            log.info("final evaluation of %s (%s): robust %.4f (search-time %.4f)", done.trial_id,
+                     done.defense, done.robust_acc, done.robust_acc_search)
+
+
+def _run_all(todo: list[TrialRecord], spec: SweepSpec, run_dir: Path, attacks: list[str]):
+    """Yield each re-evaluated record as soon as it is done (Ray tasks, or in this process)."""
+    args = (spec.model_dump(), str(run_dir.resolve()), attacks)
+    try:
+        import ray
+    except ImportError:  # the library without Ray installed
+        ray = None
+    if ray is None or not ray.is_initialized():
+        for rec in todo:
+            yield TrialRecord.from_dict(reevaluate(rec.to_dict(), *args))
+        return
+    r = spec.resources
+    task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial, max_retries=1)(reevaluate)
+    pending = [task.remote(rec.to_dict(), *args) for rec in todo]
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        yield TrialRecord.from_dict(ray.get(ready[0]))
 
 
 # ---------------------------------------------------------------- CLI

@@ -33,8 +33,9 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from orchestrator.aggregate import (DEFAULT_OBJECTIVES, curve_columns, flagged_mask,
-                                    fronts_by_eps, knee, pareto_front, with_suspect)
+from orchestrator.aggregate import (DEFAULT_OBJECTIVES, ci_columns, curve_columns, flagged_mask,
+                                    fronts_by_eps, knee, on_front_within_ci, pareto_front,
+                                    with_suspect)
 from orchestrator.records import COMPLETED, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VERSIONED_PACKAGES = ("torch", "ray", "optuna", "pandas", "numpy")
 AXIS_LABELS = {"clean_acc": "clean accuracy", "robust_acc": "robust accuracy (worst attack)"}
+# trials.csv: off the front, but within its 95 % intervals of a front member that dominates it
+WITHIN_CI_COLUMN = "on_front_within_ci"
 
 
 # ---------------------------------------------------------------------------- atomic writing
@@ -175,6 +178,7 @@ def _draw_front(ax: Axes, table: pd.DataFrame, x_col: str, y_col: str,
     if table.empty:
         return
     front = table.sort_values([x_col, y_col], ascending=[True, False], kind="stable")
+    _draw_intervals(ax, front, x_col, y_col)
     if staircase:
         ax.step(front[x_col], front[y_col], where="pre", color="black", lw=1.2,
                 label="Pareto front")
@@ -188,6 +192,21 @@ def _draw_front(ax: Axes, table: pd.DataFrame, x_col: str, y_col: str,
     k = table[table["is_knee"]].iloc[0]
     ax.scatter([k[x_col]], [k[y_col]], marker="*", s=260, color="gold", edgecolors="black",
                zorder=5, label=f"knee ({k['trial_id']})")
+
+
+def _draw_intervals(ax: Axes, front: pd.DataFrame, x_col: str, y_col: str) -> None:
+    """95 % interval bars of the front members, on both axes, where the rows carry them."""
+    (x_lo, x_hi), (y_lo, y_hi) = ci_columns(x_col), ci_columns(y_col)
+    if not {x_lo, x_hi, y_lo, y_hi} <= set(front.columns):
+        return
+    rows = front[front[[x_lo, x_hi, y_lo, y_hi]].notna().all(axis=1)]
+    if rows.empty:
+        return
+    ax.errorbar(rows[x_col], rows[y_col],
+                xerr=[rows[x_col] - rows[x_lo], rows[x_hi] - rows[x_col]],
+                yerr=[rows[y_col] - rows[y_lo], rows[y_hi] - rows[y_col]],
+                fmt="none", ecolor="black", elinewidth=0.8, capsize=2, alpha=0.6,
+                label="95 % interval (front)")
 
 
 # ---------------------------------------------------------------------------- manifest
@@ -253,6 +272,8 @@ def export_all(df: pd.DataFrame, out_dir: str | Path,
     them off the fronts only."""
     out_dir = Path(out_dir)
     trials = with_suspect(df).reset_index(drop=True)
+    trials[WITHIN_CI_COLUMN] = on_front_within_ci(trials, objectives, exclude_flagged) \
+        if not trials.empty else pd.Series(dtype=bool)
     table = pareto_table(trials, objectives, exclude_flagged)
     paths = {
         "trials.csv": write_csv(trials, out_dir / "trials.csv"),

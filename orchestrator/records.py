@@ -10,14 +10,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from orchestrator.stats import accuracy_interval
+
 COMPLETED = "completed"
 FAILED = "failed"
 RUNNING = "running"
 
 # Column order of trials.csv before the prefixed groups (hp.*, acc.*, flag.*, metric.*).
 IDENTITY_COLUMNS = ["trial_id", "defense", "status", "clean_acc", "robust_acc", "robust_attack",
-                    "train_seconds", "checkpoint", "dataset", "model", "seed", "epochs",
-                    "eval_seconds", "run_id"]
+                    "clean_acc_ci_low", "clean_acc_ci_high", "robust_acc_ci_low",
+                    "robust_acc_ci_high", "n_eval", "robust_acc_search", "final_attack",
+                    "final_evaluated", "train_seconds", "checkpoint", "dataset", "model", "seed",
+                    "epochs", "eval_seconds", "run_id"]
+CI_SUFFIXES = ("_ci_low", "_ci_high")
+N_PREFIX = "n_eval@"  # curve entries: test points evaluated at that ε
 
 
 @dataclasses.dataclass
@@ -38,6 +44,11 @@ class TrialRecord:
     # robustness curve, keyed by column name: robust_acc@<eps>, acc.<attack>@<eps>
     curve: dict[str, float] = dataclasses.field(default_factory=dict)
     epochs: int = 0
+    n_eval: int = 0                 # test points clean_acc and robust_acc were measured on
+    # the sweep's final re-evaluation: its cascade ("" when not re-evaluated) and the
+    # search-time robust accuracy it replaced
+    final_attack: str = ""
+    robust_acc_search: float = math.nan
     train_seconds: float = math.nan
     eval_seconds: float = math.nan
     checkpoint: str = ""
@@ -52,13 +63,47 @@ class TrialRecord:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    def set_evaluation(self, report: Any, metrics: dict[str, float] | None = None) -> None:
+        """Take the numbers of a ``defenses.evaluate.Report`` (the primary ε's accuracies, its
+        cascade, the curve, the masking flags and their evidence), keeping training-time
+        flags; ``metrics`` are added to the report's evidence. The one mapping from an
+        evaluation to a record, for the trial and for the final re-evaluation alike."""
+        result = report.primary
+        self.clean_acc, self.robust_acc = result.clean_acc, result.robust_acc
+        self.robust_attack, self.acc, self.n_eval = result.robust_attack, dict(result.acc), result.n
+        self.eval_seconds = report.seconds
+        self.metrics = {**{k: v for k, v in self.metrics.items() if not k.startswith("masking.")},
+                        "clean_rejected": result.clean_rejected, **report.evidence, **report.metrics,
+                        **(metrics or {})}
+        self.flags = {**{k: v for k, v in self.flags.items() if k not in report.flags}, **report.flags}
+        self.curve = report.curve_columns()
+
+    @property
+    def final_evaluated(self) -> bool:
+        return bool(self.final_attack)
+
+    def intervals(self) -> dict[str, float]:
+        """95 % Wilson intervals of clean_acc, robust_acc and every robust_acc@<ε>."""
+        out: dict[str, float] = {}
+        for name, acc, n in (("clean_acc", self.clean_acc, self.n_eval),
+                             ("robust_acc", self.robust_acc, self.n_eval),
+                             *((k, v, self.curve.get(N_PREFIX + k.partition("@")[2], 0))
+                               for k, v in self.curve.items() if k.startswith("robust_acc@"))):
+            base, at, eps = name.partition("@")
+            for suffix, value in zip(CI_SUFFIXES, accuracy_interval(acc, n)):
+                out[f"{base}{suffix}{at}{eps}"] = value
+        return out
+
     def to_row(self) -> dict[str, Any]:
-        """One flat CSV row: identity columns, then hp.*, acc.*, the curve's robust_acc@<eps>
-        and acc.<attack>@<eps>, flag.*, metric.*, error."""
-        row: dict[str, Any] = {c: getattr(self, c) for c in IDENTITY_COLUMNS}
+        """One flat CSV row: identity columns (with the accuracies' intervals), then hp.*,
+        acc.*, the curve's robust_acc@<eps>, its intervals and acc.<attack>@<eps>, flag.*,
+        metric.*, error."""
+        ci = self.intervals()
+        row: dict[str, Any] = {c: ci[c] if c in ci else getattr(self, c) for c in IDENTITY_COLUMNS}
         row.update({f"hp.{k}": v for k, v in sorted(self.hp.items())})
         row.update({f"acc.{k}": v for k, v in self.acc.items()})
         row.update(self.curve)
+        row.update({k: v for k, v in ci.items() if "@" in k})
         row.update({f"flag.{k}": bool(v) for k, v in sorted(self.flags.items())})
         row.update({f"metric.{k}": v for k, v in sorted(self.metrics.items())})
         row["error"] = self.error

@@ -30,11 +30,15 @@ class _Strict(BaseModel):
 
 class ThreatSpec(_Strict):
     eps: float = Field(0.3, ge=0.0, le=1.0)
-    attacks: list[str] = Field(default_factory=lambda: ["fgsm", "pgd-20"], min_length=1)
+    # search-time cascade: the ``fast`` preset (FGSM, APGD-CE-20, APGD-T-20×3)
+    attacks: list[str] = Field(default_factory=lambda: ["fast"], min_length=1)
     train_steps: int = Field(10, gt=0)
     train_step_size: float | None = Field(None, gt=0.0, le=1.0)
     # training attacks' passes under autocast (bf16/fp16) or not (fp32); B1 in BENCHMARKS.md
     train_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # fraction of clean inputs every detector may reject: its threshold is set at this FPR on
+    # the validation split (SweepSpec.validation_samples); a detector's own fpr overrides it
+    fpr: float = 0.05
     # --- evaluation only (defenses.evaluate): attacks may also name presets (fast, standard,
     # adaptive, paper) and AutoAttack's components (apgd_ce-100, apgd_t-50x3, fab_t-100)
     eval_eps: list[float] | None = None       # robustness curve; None: the dataset's default ε
@@ -42,13 +46,23 @@ class ThreatSpec(_Strict):
     # with eval_samples 500); null: all of eval_samples
     curve_samples: int | None = Field(200, gt=0)
     masking_samples: int = Field(64, ge=0)    # points of the gradient-masking checks; 0: off
-    final_eval: list[str] | None = None       # attacks re-run on the final front (sweep --final-eval)
+    # the strong re-evaluation after the search of every trial that could be on a final front
+    # (orchestrator.evaluate.final_evaluation): attacks/presets, the defense's adaptive attacks
+    # added; "none" (or []) keeps the search-time numbers
+    final_eval: list[str] = Field(default_factory=lambda: ["standard"])
     exclude_flagged: bool = False             # keep flagged trials off the Pareto fronts
+
+    @field_validator("final_eval", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v: Any) -> Any:
+        if v is None or v == "none" or v == ["none"]:
+            return []
+        return [v] if isinstance(v, str) else v
 
     @field_validator("attacks", "final_eval")
     @classmethod
-    def _known(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None:
+    def _known(cls, v: list[str]) -> list[str]:
+        if v:
             eval_lib.check_attacks(v)
         return v
 
@@ -59,9 +73,19 @@ class ThreatSpec(_Strict):
             eval_lib.check_eps(e, "eval_eps")
         return v
 
+    @field_validator("fpr")
+    @classmethod
+    def _fpr_in_range(cls, v: float) -> float:
+        # above 0.5 a "detector" rejects most clean inputs; 0 is no threshold at all
+        if not (0.0 < v <= 0.5):
+            raise ValueError(f"fpr must be in (0, 0.5], got {v!r}: the fraction of clean inputs "
+                             "a detector may reject, e.g. 0.05")
+        return v
+
     def threat_model(self) -> ThreatModel:
         return ThreatModel(eps=self.eps, attacks=tuple(self.attacks), train_steps=self.train_steps,
-                           train_step_size=self.train_step_size, train_precision=self.train_precision)
+                           train_step_size=self.train_step_size, train_precision=self.train_precision,
+                           fpr=self.fpr)
 
 
 class OptimizerSpec(_Strict):
@@ -110,7 +134,13 @@ class SweepSpec(_Strict):
     epochs: int = Field(3, gt=0)
     batch_size: int = Field(128, gt=0)
     train_samples: int | None = Field(None, gt=0)  # first N (seeded order) training images
-    eval_samples: int | None = Field(None, gt=0)   # test images for the final evaluation
+    # the LAST N training images (seeded order), held out of every trial's and every base
+    # model's training: clean images no classifier or detector saw, for detector thresholds
+    # and validation checks; train_samples is then taken from the rest. 0 = none
+    validation_samples: int = Field(256, ge=0)
+    eval_samples: int | None = Field(None, gt=0)   # test images of a trial's evaluation
+    # test images of the final re-evaluation (threat_model.final_eval); None: the whole test split
+    final_samples: int | None = Field(None, gt=0)
     seed: int = 0
     optimizer: OptimizerSpec = OptimizerSpec()
     threat_model: ThreatSpec = ThreatSpec()
@@ -153,6 +183,16 @@ class SweepSpec(_Strict):
             raise ValueError(f"unknown model {v!r}; valid models: {', '.join(model_lib.NAMES)}")
         return v
 
+    @field_validator("eval_samples", "final_samples")
+    @classmethod
+    def _within_test_split(cls, v: int | None, info) -> int | None:
+        dataset = info.data.get("dataset")
+        size = data_lib.TEST_SIZES.get(dataset) if dataset else None
+        if v is not None and size is not None and v > size:
+            raise ValueError(f"{info.field_name}={v} exceeds the {size} test images of {dataset}; "
+                             f"use at most {size} (or leave it out: all of them)")
+        return v
+
     @field_validator("resources")
     @classmethod
     def _every_rank_gets_examples(cls, v: ResourceSpec, info) -> ResourceSpec:
@@ -169,19 +209,30 @@ class SweepSpec(_Strict):
         return sum(self.trials_for(d) for d in self.defenses)
 
 
+# The CPU presets' final cascades: AutoAttack's two APGD attacks (FAB-T-50×3 and Square-1000
+# after APGD took 0.0–0.4 more points for 2–3× the seconds on the default preset's trials,
+# docs/evaluation.md; Square still runs in the masking checks). The default preset keeps
+# AutoAttack's 100 steps with a third of its targets; smoke, a one-minute check, half of that.
+FINAL_DEFAULT = ("apgd_ce-100", "apgd_t-100x3")
+FINAL_SMOKE = ("apgd_ce-50", "apgd_t-50x3")
+
 PRESETS: dict[str, dict[str, Any]] = {
     # used by the integration tests: a few real trials in well under 2 minutes on 2 cores
     "smoke": {
         "name": "smoke", "dataset": "mnist5k", "model": "small_cnn", "epochs": 1,
         "train_samples": 1000, "eval_samples": 200, "batch_size": 100,
-        "threat_model": {"eps": 0.3, "attacks": ["fgsm", "pgd-10"], "train_steps": 3},
+        "final_samples": 200,
+        "threat_model": {"eps": 0.3, "attacks": ["fast"], "train_steps": 3,
+                         "final_eval": list(FINAL_SMOKE)},
         "defenses": {"standard": {"trials": 2}, "pgd_at": {"trials": 2}},
     },
-    # the embedded default: every registered defense, two configurations each (~20 min on 2 CPU cores)
+    # the embedded default: every registered defense, two configurations each, the front
+    # re-evaluated on all 1,000 test images
     "default": {
         "name": "default", "dataset": "mnist5k", "model": "small_cnn", "epochs": 3,
         "train_samples": 2000, "eval_samples": 500, "batch_size": 100,
-        "threat_model": {"eps": 0.3, "attacks": ["fgsm", "pgd-20"], "train_steps": 5},
+        "threat_model": {"eps": 0.3, "attacks": ["fast"], "train_steps": 5,
+                         "final_eval": list(FINAL_DEFAULT)},
         "defenses": "all", "trials_per_defense": 2,
     },
 }
@@ -211,10 +262,55 @@ def parse(raw: dict[str, Any]) -> SweepSpec:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as e:
         raise SpecError(_one_line(e, raw)) from None
+    training_images(spec)
     for defense in spec.defenses:
         build_space(spec, defense)  # raises SpecError for empty/invalid spaces and values
+        check_paper_preset(spec, defense)
     check_models(spec)
     return spec
+
+
+def check_paper_preset(spec: SweepSpec, defense: str) -> None:
+    """``paper`` in the attack lists is the defense's own published evaluation: a defense that
+    defines none stops the sweep here (never a silent substitute)."""
+    t = spec.threat_model
+    for where, names in (("attacks", t.attacks), ("final_eval", t.final_eval)):
+        try:
+            eval_lib.check_paper(registry.get(defense), names)
+        except eval_lib.EvalConfigError as e:
+            raise SpecError(f"spec error at threat_model.{where}: {e}") from None
+
+
+def training_images(spec: SweepSpec) -> int:
+    """How many training images a trial gets (before a defense's holdout): the first
+    ``train_samples`` of what ``validation_samples`` leaves. Too few stops the sweep here."""
+    total, val = data_lib.train_size(spec.dataset), spec.validation_samples
+    pool = total - val
+    if pool <= 0:
+        raise SpecError(f"spec error at validation_samples: {val} leaves no training images "
+                        f"({spec.dataset} has {total}); lower validation_samples")
+    if spec.train_samples is not None and spec.train_samples > pool:
+        raise SpecError(f"spec error at train_samples: {spec.train_samples} training images asked for, "
+                        f"but {spec.dataset} has {total} and validation_samples={val} leaves {pool}; "
+                        "lower train_samples or validation_samples")
+    return spec.train_samples or pool
+
+
+def check_holdout(spec: SweepSpec, defense: str) -> None:
+    """A defense (or base model) keeping ``holdout_size`` training images out of training
+    must be left at least one to train on."""
+    holdout, n = registry.get(defense).holdout_size, training_images(spec)
+    if n > holdout:
+        return
+    val = spec.validation_samples
+    if spec.train_samples is not None:
+        raise SpecError(f"spec error at train_samples: {defense} keeps {holdout} training images out "
+                        f"of training for its checks, so it needs train_samples ≥ {holdout + 1}, "
+                        f"got {spec.train_samples}")
+    raise SpecError(f"spec error at validation_samples: {defense} keeps {holdout} training images out "
+                    f"of training for its checks, so it needs ≥ {holdout + 1} left after "
+                    f"validation_samples={val}; {spec.dataset} has {n + val}, so lower "
+                    f"validation_samples to ≤ {n + val - holdout - 1}")
 
 
 def check_models(spec: SweepSpec) -> None:
@@ -330,3 +426,6 @@ def _check_values(spec: SweepSpec, defense: str, space: dict[str, Any]) -> None:
         if request is not None and request.defense not in registry.names():
             raise SpecError(f"defense {defense!r} needs base model {request.defense!r}, which is not "
                             f"registered; registered: {', '.join(registry.names())}")
+        check_holdout(spec, defense)
+        if request is not None:
+            check_holdout(spec, request.defense)  # the base model trains through the same split

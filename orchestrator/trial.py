@@ -145,6 +145,9 @@ def build_setup(spec: SweepSpec, defense_name: str, hp: dict[str, Any], device: 
     train_hp, defense_hp = split_hp(hp)
     params = cls.make_params(defense_hp)
     dataset = data_lib.load(spec.dataset, spec.data_root, seed=spec.seed)
+    # before train_samples: the validation images are the last of the seeded order, so neither
+    # this trial nor any base model (built here too) ever trains on them
+    dataset = data_lib.hold_out_validation(dataset, spec.validation_samples)
     if spec.train_samples is not None:
         dataset = dataclasses.replace(dataset, train_x=dataset.train_x[:spec.train_samples],
                                       train_y=dataset.train_y[:spec.train_samples])
@@ -312,13 +315,7 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
         if chief:
             with parallel.local_only():
                 report = _evaluate(s)
-            result = report.primary
-            record.clean_acc, record.robust_acc = result.clean_acc, result.robust_acc
-            record.robust_attack, record.acc = result.robust_attack, result.acc
-            record.eval_seconds = report.seconds
-            record.metrics = {"clean_rejected": result.clean_rejected, **report.evidence}
-            record.flags = {**record.flags, **report.flags}
-            record.curve = report.curve_columns()
+            record.set_evaluation(report)
         with tempfile.TemporaryDirectory() as tmp:
             if chief:
                 save_checkpoint(Path(tmp), s, record.epochs, record.train_seconds, record)

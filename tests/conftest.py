@@ -33,14 +33,21 @@ def trained_cnn(mnist):
     """small_cnn after one epoch of standard training on mnist5k (≈97 % clean), eval mode."""
     from defenses import data, models
 
-    torch.manual_seed(0)
-    model = models.build("small_cnn", 10, 1)
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    gen = torch.Generator().manual_seed(0)
-    for x, y in data.batches(mnist.train_x, mnist.train_y, 64, shuffle=True, generator=gen):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    # one thread: the float reduction order, and so the weights, must not depend on how many
+    # threads the tests that ran before left set (run_trial sets its own)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = models.build("small_cnn", 10, 1)
+        opt = torch.optim.Adam(model.parameters(), 1e-3)
+        gen = torch.Generator().manual_seed(0)
+        for x, y in data.batches(mnist.train_x, mnist.train_y, 64, shuffle=True, generator=gen):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.eval()
 
 

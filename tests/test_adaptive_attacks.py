@@ -143,3 +143,48 @@ def test_transfer_crafts_on_the_surrogate_only(trained_cnn, batch):
     assert torch.equal(adv, same) and not calls
     assert attack.name == "transfer-pgd-5"
     assert isinstance(attack, Transfer) and accuracy(judged, adv, y) < 0.3
+
+
+def test_smooth_relu_gives_an_input_gradient_a_derivative_only_inside_the_block(trained_cnn, batch):
+    from defenses import models
+    from defenses.attacks.adaptive import smooth_relu
+
+    def curvature(model, x):
+        x = x.clone().requires_grad_(True)
+        logits = model(x)
+        g, = torch.autograd.grad(logits[:, 0].sum(), x, create_graph=True)
+        h, = torch.autograd.grad(g.pow(2).sum(), x, allow_unused=True)
+        return logits, torch.zeros_like(x) if h is None else h
+
+    x = batch[0][:4]
+    relu_logits, flat = curvature(trained_cnn, x)
+    assert not flat.any()  # a ReLU network's input gradient is piecewise constant
+    with smooth_relu(10.0):
+        soft_logits, curved = curvature(trained_cnn, x)
+    assert curved.abs().sum() > 0
+    assert (soft_logits - relu_logits).abs().max() < 1.0  # close to the network it stands for
+    assert torch.equal(curvature(trained_cnn, x)[0], relu_logits)  # and gone after the block
+    # F.relu inside forward() (PreAct ResNet) is replaced as well as nn.ReLU modules
+    resnet = models.build("preact_resnet18", 10, 1).eval()
+    assert not curvature(resnet, x[:2])[1].any()
+    with smooth_relu(10.0):
+        assert curvature(resnet, x[:2])[1].abs().sum() > 0
+    with pytest.raises(ValueError, match="beta"):
+        smooth_relu(0.0)
+
+
+def test_bim_has_no_random_start_and_restarted_pgd_names_its_runs(trained_cnn, batch):
+    from defenses.attacks.pgd import BIM, pgd_restarts
+
+    x, y = batch
+    bim = BIM(trained_cnn, EPS, steps=5, alpha=EPS / 5)
+    torch.manual_seed(0)
+    a = bim(x, y)
+    torch.manual_seed(1)
+    assert torch.equal(a, bim(x, y)) and bim.name == "bim-5"  # deterministic: no random start
+    assert float((a - x).abs().max()) <= EPS + 1e-6 and accuracy(trained_cnn, a, y) < 0.3
+    restarted = pgd_restarts(trained_cnn, EPS, 5, 3)
+    assert restarted.name == "pgd-5x3" and restarted.restarts == 3
+    assert pgd_restarts(trained_cnn, EPS, 5, 2, loss="cw").name == "pgd_cw-5x2"
+    with pytest.raises(ValueError, match="restarts"):
+        pgd_restarts(trained_cnn, EPS, 5, 0)

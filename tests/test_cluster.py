@@ -102,7 +102,7 @@ def test_ray_up_submit_rsync_down_down(local_cluster_ready, tmp_path):
     spec = tmp_path / "tiny.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "tiny", "epochs": 1, "train_samples": 200, "eval_samples": 50, "batch_size": 50,
-        "threat_model": {"eps": 0.3, "attacks": ["fgsm"], "train_steps": 2},
+        "threat_model": {"eps": 0.3, "attacks": ["fgsm"], "train_steps": 2, "final_eval": "none"},
         "defenses": {"standard": {"trials": 1}}}))
     config = str(LOCAL.relative_to(ROOT))
     ray_cli("up", "-y", config)

@@ -171,7 +171,7 @@ TOL_FLOAT32 = 1e-3
 GOOD_LR = 0.01
 TINY = {"name": "ddp", "epochs": 1, "train_samples": 200, "eval_samples": 40, "batch_size": 50,
         "optimizer": {"name": "sgd", "lr": GOOD_LR}, "search": "random",
-        "threat_model": {"eps": 0.3, "attacks": ["fgsm"], "train_steps": 2}}
+        "threat_model": {"eps": 0.3, "attacks": ["fgsm"], "train_steps": 2, "final_eval": "none"}}
 
 
 def write_spec(tmp_path, **over):

@@ -49,7 +49,10 @@ def names(attacks):
 
 def test_presets_expand_to_their_attacks(linear):
     d = Plain(linear)
-    assert names(ev.build_attacks(["fast"], d, EPS, adaptive=False)) == ["fgsm", "pgd-20"]
+    assert names(ev.build_attacks(["fast"], d, EPS, adaptive=False)) == [
+        "fgsm", "apgd_ce-20", "apgd_t-20x3"]
+    assert names(ev.build_attacks(["reduced"], d, EPS, adaptive=False)) == [
+        "apgd_ce-50", "apgd_t-50x3", "fab_t-50x3", "square-1000"]
     assert names(ev.build_attacks(["standard"], d, EPS, adaptive=False)) == [
         "apgd_ce-100", "apgd_t-100", "fab_t-100", "square-5000"]
     # a plain classifier's adaptive attack is strong white-box PGD on it
@@ -60,12 +63,58 @@ def test_presets_expand_to_their_attacks(linear):
     assert names(ev.build_attacks(["fgsm", "adaptive"], own, EPS, adaptive=True)) == ["fgsm", "pgd-3"]
 
 
-def test_paper_preset_uses_the_hook_or_falls_back_to_fast(linear):
-    assert names(ev.build_attacks(["paper"], Plain(linear), EPS, False)) == ["fgsm", "pgd-20"]
+class WithPaper(Plain):
+    name = "with_paper_test"
+
+    def paper_attacks(self, eps):
+        return ["mim-10", PGD(self.model, eps, steps=7, loss="cw")]
+
+
+def test_paper_preset_uses_the_defense_setting_or_is_an_error(linear):
+    with pytest.raises(ev.EvalConfigError) as err:
+        ev.build_attacks(["paper"], Plain(linear), EPS, False)
+    message = str(err.value)
+    assert "\n" not in message and "'plain_test'" in message
+    usable = ", ".join(p for p in ev.PRESETS if p != "paper")
+    assert "no paper setting" in message and f"use the presets {usable} or attack names" in message
     as_method = Plain(linear, paper=lambda eps: ["pgd-5", PGD(linear, eps, steps=7, loss="cw")])
     assert names(ev.build_attacks(["paper"], as_method, EPS, False)) == ["pgd-5", "pgd_cw-7"]
-    as_attribute = Plain(linear, paper=("mim-10",))
-    assert names(ev.build_attacks(["paper"], as_attribute, EPS, False)) == ["mim-10"]
+    assert names(ev.build_attacks(["fgsm", "paper"], WithPaper(linear), EPS, False)) == [
+        "fgsm", "mim-10", "pgd_cw-7"]
+    with pytest.raises(ev.EvalConfigError, match="may not name the 'paper' preset"):
+        ev.build_attacks(["paper"], Plain(linear, paper=lambda eps: ["paper"]), EPS, False)
+
+
+def test_check_paper_decides_from_the_class_alone():
+    ev.check_paper(Plain, ["fast", "pgd-40"])  # no 'paper' asked for: nothing to check
+    ev.check_paper(WithPaper, ["paper"])
+    with pytest.raises(ev.EvalConfigError) as err:
+        ev.check_paper(Plain, ["fgsm", "paper"])
+    usable = ", ".join(p for p in ev.PRESETS if p != "paper")
+    assert str(err.value) == ("preset 'paper': defense 'plain_test' defines no paper setting "
+                              f"(paper_attacks); use the presets {usable} or attack names")
+    assert "fast" in usable and "adaptive" in usable
+
+
+def test_every_registered_defense_but_standard_has_a_paper_setting():
+    from defenses import models, registry
+
+    without = []
+    for name in registry.names():
+        cls = registry.get(name)
+        try:
+            ev.check_paper(cls, ["paper"])
+        except ev.EvalConfigError:
+            without.append(name)
+            continue
+        defense = cls(models.build("small_cnn", 10, 1), cls.make_params({}), ThreatModel(eps=EPS))
+        built = ev.build_attacks(["paper"], defense, EPS, adaptive=False)
+        assert built and all(abs(a.eps - EPS) < 1e-12 for a in built), name
+    assert without == ["standard"]
+    pgd_at = registry.get("pgd_at")
+    d = pgd_at(models.build("small_cnn", 10, 1), pgd_at.make_params({}), ThreatModel(eps=EPS))
+    assert names(ev.build_attacks(["paper"], d, EPS, False)) == [
+        "fgsm", "pgd-40", "pgd-100", "pgd-40x20", "pgd-100x20", "pgd_cw-40"]
 
 
 def test_budgets_and_target_counts_are_spelled_in_the_name(linear):
@@ -77,7 +126,7 @@ def test_budgets_and_target_counts_are_spelled_in_the_name(linear):
 
 @pytest.mark.parametrize("bad,match", [
     ("bogus", "unknown attack or preset 'bogus'; valid attacks: .*apgd_t.*valid presets: fast, "
-              "standard, adaptive, paper"),
+              "standard, reduced, adaptive, paper"),
     ("pgd-0", "must be positive"),
     ("apgd_ce-10x3", "only apgd_t, fab_t take a target count"),
     ("pgd-10x2", "unknown attack or preset"),
@@ -154,8 +203,9 @@ def test_evaluate_runs_every_eps_and_names_the_columns(linear, data):
     assert list(report.results) == [0.3, 0.1] and report.primary.eps == 0.3
     assert report.results[0.3].n == 60 and report.results[0.1].n == 30
     cols = report.curve_columns()
-    assert set(cols) == {"robust_acc@0.3", "acc.fgsm@0.3", "acc.pgd-20@0.3",
-                         "robust_acc@0.1", "acc.fgsm@0.1", "acc.pgd-20@0.1"}
+    assert set(cols) == {"robust_acc@0.3", "n_eval@0.3", *(f"acc.{a}@0.3" for a in ev.FAST),
+                         "robust_acc@0.1", "n_eval@0.1", *(f"acc.{a}@0.1" for a in ev.FAST)}
+    assert cols["n_eval@0.3"] == 60 and cols["n_eval@0.1"] == 30
     assert cols["robust_acc@0.1"] >= cols["robust_acc@0.3"]
     assert report.flags == {}
 

@@ -9,13 +9,17 @@ import pytest
 import torch
 
 from defenses import masking
+import pandas as pd
+
 from orchestrator import evaluate as cli
+from orchestrator.aggregate import merge_runs
+from orchestrator.export import export_all
 from orchestrator.records import TrialRecord, load_records, save_record
 from orchestrator.spec import parse
 from orchestrator.trial import build_setup, save_checkpoint, train
 
 SPEC = {"name": "cli", "dataset": "mnist5k", "model": "small_cnn", "epochs": 1,
-        "train_samples": 100, "eval_samples": 20, "batch_size": 50,
+        "train_samples": 100, "eval_samples": 20, "final_samples": 20, "batch_size": 50,
         "threat_model": {"eps": 0.3, "attacks": ["fgsm"], "train_steps": 2, "eval_eps": [0.1],
                          "masking_samples": 8, "final_eval": ["fgsm", "pgd-3"]},
         "defenses": ["standard"]}
@@ -72,7 +76,7 @@ def test_the_spec_next_to_the_checkpoint_gives_the_defaults(run):
 @pytest.mark.parametrize("args,match", [
     (["--attacks", "bogus"], "unknown attack or preset 'bogus'; valid attacks: fgsm"),
     (["--attacks", "pgd-20,apgd_ce-10x2"], "only apgd_t, fab_t take a target count"),
-    (["--preset", "strong"], "unknown preset 'strong'; valid presets: fast, standard, adaptive, paper"),
+    (["--preset", "strong"], "unknown preset 'strong'; valid presets: fast, standard, reduced, adaptive, paper"),
     (["--attacks", "fgsm", "--preset", "fast"], "not both"),
     (["--eps", "1.5"], "eps=1.5 outside [0,1]"),
     (["--eps", "0.3,-0.1"], "outside [0,1]"),
@@ -113,23 +117,40 @@ def test_bad_checkpoints_are_one_line_and_exit_2(run, tmp_path, capsys):
     assert "but the spec says dataset 'cifar10'" in one_error_line(capsys)
 
 
-def test_final_evaluation_reevaluates_the_front_and_keeps_search_numbers(run):
-    run_dir, ckpt = run
+def test_final_evaluation_reevaluates_the_front_and_keeps_search_numbers(run, tmp_path):
+    _, ckpt = run
+    run_dir = tmp_path / "final"
     spec = parse(SPEC)
+    (run_dir).mkdir()
+    # "a": search-time numbers far above what the barely trained model can hold
     save_record(run_dir, TrialRecord("a", "standard", "mnist5k", "small_cnn", 0, status="completed",
-                                     clean_acc=0.9, robust_acc=0.1, acc={"fgsm": 0.1},
+                                     clean_acc=0.97, robust_acc=0.8, acc={"fgsm": 0.8}, n_eval=20,
                                      checkpoint=str(ckpt), flags={"catastrophic_overfitting": False}))
-    save_record(run_dir, TrialRecord("b", "standard", "mnist5k", "small_cnn", 0, status="completed",
-                                     clean_acc=0.5, robust_acc=0.45, acc={"fgsm": 0.45}))
-    save_record(run_dir, TrialRecord("c", "standard", "mnist5k", "small_cnn", 0, status="completed",
-                                     clean_acc=0.2, robust_acc=0.05, acc={"fgsm": 0.05},
-                                     checkpoint=str(ckpt)))  # dominated: left as it is
+    # "h": honest numbers, no checkpoint (cannot be re-evaluated: kept as it is)
+    save_record(run_dir, TrialRecord("h", "standard", "mnist5k", "small_cnn", 0, status="completed",
+                                     clean_acc=0.95, robust_acc=0.3, acc={"fgsm": 0.3}, n_eval=20))
+    export_all(merge_runs([run_dir]), run_dir)
+    assert set(pd.read_csv(run_dir / "pareto.csv").trial_id) == {"a"}
     done = cli.final_evaluation(run_dir, spec)
     recs = {r.trial_id: r for r in load_records(run_dir)}
-    assert {"a", "b"} <= set(done) and "c" not in done
+    assert done == ["a"]
     a = recs["a"]
-    assert a.metrics["final_eval"] == 1.0 and a.metrics["search.robust_acc"] == 0.1
-    assert list(a.acc) == ["fgsm", "pgd-3"] and "robust_acc@0.1" in a.curve
+    assert a.final_evaluated and a.robust_acc_search == 0.8 and a.n_eval == 20
+    assert a.final_attack.startswith("fgsm+pgd-3") and a.robust_acc < 0.3
+    assert list(a.acc)[:2] == ["fgsm", "pgd-3"] and "robust_acc@0.1" in a.curve
     assert set(masking.FLAGS) <= set(a.flags) and "catastrophic_overfitting" in a.flags
-    assert recs["b"].metrics["final_eval"] == 0.0   # no checkpoint: kept, and marked
-    assert recs["c"].metrics == {} and recs["c"].acc == {"fgsm": 0.05}
+    assert not recs["h"].final_evaluated and recs["h"].robust_acc == 0.3
+    # the fronts are recomputed from the final numbers: "a" has dropped off
+    export_all(merge_runs([run_dir]), run_dir)
+    pareto = pd.read_csv(run_dir / "pareto.csv")
+    assert set(pareto.trial_id) == {"h"}
+    trials = pd.read_csv(run_dir / "trials.csv").set_index("trial_id")
+    assert trials.loc["a", "final_evaluated"] and not trials.loc["h", "final_evaluated"]
+    assert trials.loc["a", "robust_acc_search"] == 0.8 and trials.loc["a", "n_eval"] == 20
+
+
+def test_final_evaluation_none_opts_out(run):
+    spec = parse({**SPEC, "threat_model": {**SPEC["threat_model"], "final_eval": "none"}})
+    assert spec.threat_model.final_eval == []
+    assert cli.final_evaluation(run[0], spec) == []
+    assert cli.with_eval_options(parse(SPEC), "none").threat_model.final_eval == []

@@ -75,7 +75,8 @@ def results(trial_dir: Path) -> list[dict]:
 # ------------------------------------------------------------------ a worker node dies
 NODE_SPEC = {"name": "ft-node", "epochs": 3, "train_samples": 500, "eval_samples": 100,
              "batch_size": 50, "seed": 3, "max_failures": 2, "search": "random",
-             "threat_model": {"eps": 0.3, "attacks": ["fgsm", "pgd-5"], "train_steps": 3},
+             "threat_model": {"eps": 0.3, "attacks": ["fgsm", "pgd-5"], "train_steps": 3,
+                              "final_eval": "none"},
              "defenses": {"pgd_at": {"trials": 1, "space": {"lr": [0.002], "clean_weight": [0.5]}}}}
 
 
@@ -136,7 +137,7 @@ def interrupted_with_checkpoint(out: Path) -> set[str]:
 
 DRIVER_SPEC = {"name": "ft-driver", "epochs": 3, "train_samples": 400, "eval_samples": 60,
                "batch_size": 50, "search": "tpe",
-               "threat_model": {"eps": 0.3, "attacks": ["fgsm"], "train_steps": 2},
+               "threat_model": {"eps": 0.3, "attacks": ["fgsm"], "train_steps": 2, "final_eval": "none"},
                "defenses": {"standard": {"trials": 4}}}
 
 
@@ -202,7 +203,7 @@ def test_trial_that_keeps_failing_is_retried_then_reported_failed(ray_session, t
         pytest.skip("no registered defense starts from a base model")
     raw = {"name": "ft-retry", "epochs": 1, "train_samples": 200, "eval_samples": 40,
            "batch_size": 50, "max_failures": 1,
-           "threat_model": {"eps": 0.3, "attacks": ["fgsm"], "train_steps": 2},
+           "threat_model": {"eps": 0.3, "attacks": ["fgsm"], "train_steps": 2, "final_eval": "none"},
            "defenses": {name: {"trials": 1}, "standard": {"trials": 1}}}
     spec = parse(raw)
     cls = registry.get(name)

@@ -24,7 +24,7 @@ def batch(mnist):
 
 def test_theta_zero_never_rejects_clean_or_adversarial(trained_cnn, batch):
     x, y = batch
-    d = detector(trained_cnn, theta=0.0)
+    d = detector(trained_cnn, theta=0.0, rule="paper")
     adv = attacks.make("fgsm", trained_cnn, EPS)(x, y)
     for inputs in (x, adv, torch.rand_like(x)):
         with torch.no_grad():
@@ -33,7 +33,7 @@ def test_theta_zero_never_rejects_clean_or_adversarial(trained_cnn, batch):
 
 def test_emphasis_rejects_some_and_its_score_agrees_with_the_rule(trained_cnn, batch):
     x, y = batch
-    d = detector(trained_cnn, theta=0.5)
+    d = detector(trained_cnn, theta=0.5, rule="paper")
     adv = attacks.make("fgsm", trained_cnn, EPS)(x, y)
     with torch.no_grad():
         rejected = d.predict(adv).rejected
@@ -48,7 +48,7 @@ def test_emphasis_rejects_some_and_its_score_agrees_with_the_rule(trained_cnn, b
 
 def test_detector_separates_fgsm_from_clean(trained_cnn, batch):
     x, y = batch
-    d = detector(trained_cnn, theta=0.3)
+    d = detector(trained_cnn, theta=0.3, rule="paper")
     report = detection_report(d, x, y, craft([attacks.make("fgsm", trained_cnn, EPS)], x, y))
     fgsm = report.attacks["fgsm"]
     assert fgsm.fooled > 30
@@ -83,7 +83,7 @@ def test_enhancements():
 
 def test_the_surrogate_is_differentiable_through_the_cam(trained_cnn, batch):
     x, y = batch
-    d = detector(trained_cnn, theta=0.5)
+    d = detector(trained_cnn, theta=0.5, rule="paper")
     joint = d.joint()
     xs = x[:16].clone().requires_grad_(True)
     logits, score = joint(xs)
@@ -103,7 +103,9 @@ def test_the_surrogate_is_differentiable_through_the_cam(trained_cnn, batch):
 @pytest.mark.parametrize("hp, match", [({"theta": -0.1}, "theta=-0.1"),
                                        ({"theta": float("nan")}, "theta"),
                                        ({"enhancement": "sepia"}, "unknown enhancement"),
-                                       ({"fpr": 0.0}, "fpr=0.0"), ({"fpr": 1.5}, "fpr=1.5")])
+                                       ({"fpr": 0.0}, "fpr=0.0"), ({"fpr": 1.5}, "fpr=1.5"),
+                                       ({"rule": "label"}, "unknown rule 'label'; valid: margin, paper"),
+                                       ({"rule": "paper", "fpr": 0.05}, "has no threshold")])
 def test_bad_hyperparameters_are_one_clear_line(hp, match):
     with pytest.raises(DefenseConfigError, match=match) as e:
         GradCAMDetector.make_params(hp)
@@ -128,7 +130,7 @@ def _checkpoint(tmp_path, net, **meta):
 
 def test_setup_loads_the_guarded_classifier_and_refuses_a_foreign_one(mnist, trained_cnn, tmp_path):
     fresh = models.build("small_cnn", 10, 1)
-    d = detector(fresh, theta=0.2)
+    d = detector(fresh, theta=0.2, rule="paper")  # the session's mnist has no validation split
     d.setup(mnist, _checkpoint(tmp_path, trained_cnn))
     x = mnist.test_x[:16]
     with torch.no_grad():
@@ -136,7 +138,8 @@ def test_setup_loads_the_guarded_classifier_and_refuses_a_foreign_one(mnist, tra
     for meta, match in [({"dataset": "cifar10"}, "trained on 'cifar10'"),
                         ({"model": "preact_resnet18"}, "is a 'preact_resnet18'")]:
         with pytest.raises(DefenseConfigError, match=match):
-            detector(models.build("small_cnn", 10, 1)).setup(mnist, _checkpoint(tmp_path, trained_cnn, **meta))
+            detector(models.build("small_cnn", 10, 1), rule="paper").setup(
+                mnist, _checkpoint(tmp_path, trained_cnn, **meta))
     with pytest.raises(DefenseConfigError, match="needs the checkpoint"):
         detector(models.build("small_cnn", 10, 1)).setup(mnist, None)
 
@@ -153,21 +156,23 @@ def test_colour_reversing_runs_on_three_channel_data(tmp_path):
     rgb_model = models.build("small_cnn", 10, 3).eval()
     x = torch.rand(4, 3, 32, 32)
     labels = torch.zeros(4, dtype=torch.long)
-    rgb = Dataset("cifar10", x, labels, x, labels, 10)
+    rgb = Dataset("cifar10", x, labels, x, labels, 10, val_x=torch.rand(40, 3, 32, 32),
+                  val_y=torch.zeros(40, dtype=torch.long))
     path = _checkpoint(tmp_path, rgb_model, dataset="cifar10", in_channels=3)
     d = detector(models.build("small_cnn", 10, 3), theta=0.2, enhancement="color_reverse")
     d.setup(rgb, path)
+    d.train_epoch(iter(()), None, 1)
     with torch.no_grad():
         assert d.predict(x).rejected.shape == (4,)
     # θ = 0 with colour reversing is colour reversing alone: it compares f(x) with f(BGR(x))
-    d0 = detector(rgb_model, theta=0.0, enhancement="color_reverse")
+    d0 = detector(rgb_model, theta=0.0, enhancement="color_reverse", rule="paper")
     with torch.no_grad():
         expected = rgb_model(x.flip(1)).argmax(1) != rgb_model(x).argmax(1)
         assert torch.equal(d0.predict(x).rejected, expected)
 
 
 def test_training_learns_nothing_and_stops(trained_cnn, batch):
-    d = detector(trained_cnn, theta=0.2)
+    d = detector(trained_cnn, theta=0.2, rule="paper")
     before = {k: v.clone() for k, v in trained_cnn.state_dict().items()}
     assert d.train_epoch(iter([batch]), torch.optim.SGD(trained_cnn.parameters(), 1.0), 1) == {}
     assert d.stop_training
@@ -187,7 +192,8 @@ def test_a_real_trial_runs_with_the_adaptive_attacks(tmp_path):
     rec = run_trial({"defense": "gradcam_detector", "hp": {"theta": 0.4}, "spec": spec,
                      "run_dir": str(tmp_path)})
     assert rec.status == "completed", rec.error
-    assert list(rec.acc) == ["fgsm", "cw_extra-10x2", "opgd-20"]
+    assert [k for k in rec.acc if not k.startswith("check.")] == [
+        "fgsm", "cw_extra-10x2", "opgd-20", "square_joint-100"]
     assert rec.robust_acc <= rec.acc["fgsm"] <= rec.clean_acc
     assert 0.0 <= rec.metrics["clean_rejected"] <= 1.0
 
@@ -197,12 +203,14 @@ def test_a_margin_threshold_calibrated_at_a_stated_fpr(trained_cnn, mnist):
     x = mnist.test_x[:300]
     with pytest.raises(RuntimeError, match="threshold"):
         d.predict(x)
-    metrics = d.train_epoch([(x[:150], None), (x[150:], None)], None, 1)
-    assert d.stop_training and metrics["threshold"] == d.threshold < 0
+    with pytest.raises(RuntimeError, match="no validation images"):
+        d.train_epoch(iter(()), None, 1)  # before setup there is no validation split
+    metrics = d.calibrate(x)
+    assert metrics["threshold"] == d.threshold < 0
     with torch.no_grad():
         rejected = d.predict(x).rejected.float().mean().item()
     assert abs(rejected - 0.1) <= 1 / 150  # on its own calibration set: the quantile's FPR
-    paper_rule = detector(trained_cnn, theta=0.3)
+    paper_rule = detector(trained_cnn, theta=0.3, rule="paper")
     with torch.no_grad():  # the calibrated threshold is stricter than the label comparison
         assert (d.predict(x).rejected | ~paper_rule.predict(x).rejected).all()
     restored = detector(trained_cnn, theta=0.3, fpr=0.1)

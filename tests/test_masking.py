@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from defenses import masking
-from defenses.base import Defense, ThreatModel
+from defenses.base import Defense, Prediction, ThreatModel
 from defenses.evaluate import EvalResult, EvalSpec, benchmark, evaluate
 
 EPS = 0.3
@@ -43,8 +43,6 @@ class Wrapped(Defense):
         return self.net
 
     def predict(self, x):
-        from defenses.base import Prediction
-
         if self.noise:  # a randomized defense: fresh noise at every call
             x = (x + self.noise * torch.randn_like(x)).clamp(0, 1)
         return Prediction(self.net(x))
@@ -142,3 +140,37 @@ def test_config_rejects_bad_settings():
         masking.MaskingConfig(samples=0)
     with pytest.raises(ValueError, match="increasing"):
         masking.MaskingConfig(steps=(20, 5))
+
+
+# ---------------------------------------------------------------- every attack counts
+
+class Masked(Defense):
+    """The quantized linear model as the defense's own model: no surrogate to transfer from,
+    no gradient to follow; only a gradient-free attack finds what it lacks."""
+
+    name = "masked_toy"
+
+    def __init__(self, net: nn.Module):
+        super().__init__(net, None, ThreatModel(eps=EPS))
+
+    def train_epoch(self, batches, optimizer, epoch, scheduler=None):
+        return {}
+
+    def predict(self, x):
+        return Prediction(self.model(x))
+
+
+def test_a_point_square_breaks_in_the_masking_checks_is_not_robust(linear, mnist):
+    toy = Masked(nn.Sequential(Quantize(16), linear))
+    x, y = mnist.test_x[:100], mnist.test_y[:100]
+    torch.manual_seed(0)
+    cascade_only = benchmark(toy, x, y, EPS, ["pgd-20"], adaptive=False)
+    report = evaluate(toy, (x, y), EvalSpec.for_dataset("mnist5k", EPS, [], masking_samples=64,
+                                                        attacks=("pgd-20",), adaptive=False))
+    r = report.primary
+    assert report.flags["blackbox_beats_whitebox"]
+    assert r.broken_by["check.square-100"] > 10
+    # the number is the per-example worst case over everything run, Square included
+    assert r.robust_acc <= cascade_only.robust_acc - r.broken_by["check.square-100"] / len(y) + 1e-9
+    assert r.robust_acc == pytest.approx(r.robust_mask.float().mean().item())
+    assert r.robust_attack.endswith("+checks") and list(r.acc)[0] == "pgd-20"

@@ -228,7 +228,7 @@ def test_plain_and_differentiable_predictors_compute_the_same_function(mnist, ba
 def test_adaptive_attacks_and_clean_at_least_robust(mnist, base_ckpt, train, test_batch):
     defense = make_sad(mnist, base_ckpt, train, ratio=0.8)
     names = [a.name for a in defense.adaptive_attacks(EPS)]
-    assert names == ["transfer-pgd-20", "bpda-pgd-20", "diff-pgd-20", "square-100"]
+    assert names == ["transfer-pgd-20", "bpda-pgd-20", "diff-pgd-20", "square-100", "eot_pgd-20x4"]
     x, y = test_batch[0][:32], test_batch[1][:32]
     torch.manual_seed(0)
     result = benchmark(defense, x, y, EPS, ["fgsm"], batch_size=32)
@@ -244,12 +244,34 @@ def test_adaptive_budget_follows_the_threat_model_and_paper_attacks(mnist, base_
                   ThreatModel(EPS, attacks=("fgsm", "pgd-40", "apgd_t-50x3")))
     defense.setup(mnist, base_ckpt)
     assert defense.adaptive_steps() == 50
-    assert [a.name for a in defense.adaptive_attacks(EPS)][-1] == "square-250"
+    assert [a.name for a in defense.adaptive_attacks(EPS)][-2:] == ["square-250", "eot_pgd-50x4"]
     paper = defense.paper_attacks(EPS, eot_samples=2)
     assert [a.name for a in paper] == ["weak_pgd-20", "pgd-20", "cw_c0.2-50", "eot_pgd-12x2"]
     assert all(a.eps == EPS for a in paper)  # all counted in the threat model's ε
     x, y = test_batch[0][:8], test_batch[1][:8]
     assert float((paper[0](x, y) - x).abs().max()) <= EPS / 2 + 1e-6  # WeakPGD: half the radius
+
+
+def test_eot_pgd_is_in_the_adaptive_set_at_the_adaptive_budget(mnist, base_ckpt, train, test_batch):
+    """The paper's EOT-PGD (Gaussian noise σ = ε/3 around the input) at K steps × 4 samples:
+    the same attack as paper_attacks' one, with the adaptive budget instead of 12 × 32."""
+    from defenses.attacks.adaptive import EOTPGD
+
+    defense = make_sad(mnist, base_ckpt, train, ratio=0.8)
+    eot = defense.adaptive_attacks(EPS)[-1]
+    paper = defense.paper_attacks(EPS, eot_samples=2)[-1]
+    assert isinstance(eot, EOTPGD) and isinstance(paper, EOTPGD)
+    assert (eot.steps, eot.samples, eot.model) == (20, 4, defense.predictor())
+    assert eot.transform is not None and paper.transform is not None
+    x, y = test_batch[0][:8], test_batch[1][:8]
+    torch.manual_seed(0)
+    noisy = eot.transform(x)
+    assert 0.03 < float((noisy - x).std()) < 0.15  # σ = ε/3 = 0.1 (less where clipped at 0)
+    adv = eot(x, y)
+    assert float((adv - x).abs().max()) <= EPS + 1e-6
+    with torch.no_grad():
+        assert (defense.predict(adv).logits.argmax(1) == y).float().mean() < \
+            (defense.predict(x).logits.argmax(1) == y).float().mean()
 
 
 def test_bpda_attack_bypasses_the_saliency_step(mnist, base_ckpt, train, test_batch):

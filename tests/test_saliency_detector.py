@@ -10,6 +10,7 @@ import torch
 from defenses import data as data_lib
 from defenses import models, registry
 from defenses.attacks import pgd
+from defenses.attacks.detector_aware import OrthogonalPGD
 from defenses.base import DefenseConfigError, ThreatModel
 from defenses.saliency_detector import (AlternatingWhiteBox, DetectorCNN, SaliencyDetector,
                                         deepfool, detection_attack, detector_input,
@@ -65,8 +66,10 @@ def base(classifier, tmp_path_factory):
     return _checkpoint(classifier, tmp_path_factory.mktemp("base") / "checkpoint.pt")
 
 
-def _dataset(mnist, n):
-    return dataclasses.replace(mnist, train_x=mnist.train_x[:n], train_y=mnist.train_y[:n])
+def _dataset(mnist, n, n_val=256):
+    # as in a trial: the validation split is the last of the training images, never trained on
+    return dataclasses.replace(mnist, train_x=mnist.train_x[:n], train_y=mnist.train_y[:n],
+                               val_x=mnist.train_x[-n_val:], val_y=mnist.train_y[-n_val:])
 
 
 def _defense(hp):
@@ -101,7 +104,8 @@ def test_default_search_space_values_are_valid():
 
     for kind in SPACE["detector"].categories:
         SaliencyDetector.make_params({"detector": kind, "train_attack": SPACE["train_attack"],
-                                      "fpr": SPACE["fpr"], "detector_lr": 1e-3})
+                                      "detector_lr": 1e-3})
+    assert "fpr" not in SPACE  # the threshold's FPR is the spec's threat_model.fpr
 
 
 # --- the masking model ------------------------------------------------------------------------
@@ -155,13 +159,12 @@ def test_one_forward_score_equals_the_two_forward_score(classifier, mnist):
 
 @pytest.fixture(scope="module")
 def id_detector(mnist, base):
-    """The image-only detector trained on FGSM, its threshold set on 1000 clean images."""
-    class Wide(SaliencyDetector):
-        calibration_size = 1000
-
-    defense = Wide(models.build("small_cnn", 10, 1), SaliencyDetector.make_params(
+    """The image-only detector trained on FGSM (2000 images), its threshold set on a
+    validation split of 1000 clean images neither it nor the classifier trained on."""
+    defense = SaliencyDetector(models.build("small_cnn", 10, 1), SaliencyDetector.make_params(
         {"detector": "id", "train_attack": "fgsm", "passes": 3}), THREAT)
-    defense.setup(_dataset(mnist, 2000), base)
+    defense.setup(_dataset(mnist, 2000, n_val=1000), base)
+    assert len(defense.train_y) == 2000 and len(defense.calib_x) == 1000
     for epoch in (1, 2):
         defense.train_epoch([], None, epoch)
         defense.end_epoch(epoch, None)
@@ -170,6 +173,7 @@ def id_detector(mnist, base):
 
 def test_threshold_gives_the_stated_fpr_on_held_out_clean_data(id_detector, mnist):
     x = mnist.test_x  # 1000 clean images neither the detector nor its threshold saw
+    assert id_detector.target_fpr == THREAT.fpr == 0.05  # fpr None: the threat model's
     with torch.no_grad():
         rejected = id_detector.predict(x).rejected
     assert abs(rejected.float().mean().item() - 0.05) <= 0.02
@@ -263,3 +267,102 @@ def test_trial_runs_and_reports_detector_metrics(tmp_path):
     assert rec.status == "completed", rec.error
     assert "alt_whitebox-5" in rec.acc and 0.0 <= rec.robust_acc <= rec.clean_acc
     assert any(p.name.startswith("saliency_mask-") for p in (tmp_path / "bases").rglob("*.pt"))
+
+
+# --- the jsd detector's Jacobian channel: BPDA with a softplus surrogate -----------------------
+
+class TwoPixelNet(torch.nn.Module):
+    """z₀ = 0.5, z₁ = 2·relu(x₁ − 0.1) + relu(x₂ − 0.1) on a 1×1×2 image: ∇ₓz₁ = (2·[x₁ > 0.1],
+    [x₂ > 0.1]) is piecewise constant, its derivative zero wherever it exists."""
+
+    attention_layer = "hidden"
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2, 2), torch.nn.ReLU())
+        self.out = torch.nn.Linear(2, 2)
+        with torch.no_grad():
+            self.hidden[1].weight.copy_(torch.eye(2))
+            self.hidden[1].bias.fill_(-0.1)
+            self.out.weight.copy_(torch.tensor([[0.0, 0.0], [2.0, 1.0]]))
+            self.out.bias.copy_(torch.tensor([0.5, 0.0]))
+
+    def forward(self, x):
+        return self.out(self.hidden(x))
+
+
+class ReadsFirstJacobianPixel(torch.nn.Module):
+    """A jsd detector network whose decision is the Jacobian channel's first pixel (the image
+    channel enters with weight 0, so it is in the graph but moves nothing)."""
+
+    def forward(self, inputs):
+        return inputs[:, 1, 0, 0] + 0.0 * inputs[:, 0].flatten(1).sum(1)
+
+
+def test_jacobian_bpda_evades_a_jsd_decision_the_true_gradient_cannot_reach():
+    # Clean images (≈ (0.25, 0.15)) are class 0, whose logit gradient is 0: accepted. The
+    # misclassifications the classifier's gradient leads to keep unit 1 on, so the Jacobian
+    # pixel reads 2 > 0.5: rejected. Accepted needs x₁ ≤ 0.1 with x₂ > 0.6, and only the
+    # derivative of the Jacobian channel says to lower x₁.
+    eps = 0.5
+    defense = SaliencyDetector(TwoPixelNet().eval(), SaliencyDetector.make_params({"detector": "jsd"}),
+                               ThreatModel(eps=eps))
+    defense.net, defense.threshold = ReadsFirstJacobianPixel(), 0.5
+    x = torch.tensor([0.25, 0.15]).view(1, 1, 1, 2) + 0.03 * torch.rand(
+        16, 1, 1, 2, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(16, dtype=torch.long)
+
+    def evaded(adv):
+        with torch.no_grad():
+            logits, rejected = defense.predict(adv)
+        return ((logits.argmax(1) != y) & ~rejected).float().mean().item()
+
+    assert evaded(x) == 0.0 and not defense.predict(x).rejected.any()
+    xi = x.clone().requires_grad_(True)
+    _, score = defense.joint()(xi)
+    true_grad, = torch.autograd.grad(score.sum(), xi)
+    assert not true_grad.any()  # the old attacks' gradient of the decision: exactly zero
+    names = [a.name for a in defense.adaptive_attacks(eps)]
+    assert names == ["alt_whitebox-5", "cw_extra-10x2", "opgd-20", "bpda_softplus-opgd-20",
+                     "square_joint-100"]
+    # at a robustness-curve ε (not the threat model's) the gradient attacks run once, alone
+    assert [a.name for a in defense.adaptive_attacks(0.2)] == ["alt_whitebox-5", "cw_extra-10x2",
+                                                                 "opgd-20"]
+    # one run each from the clean images: the surrogate gradient is the only difference
+    old = OrthogonalPGD(defense.joint(), eps, steps=20, early_stop=True)
+    new = defense.jacobian_bpda_attack(eps)
+    new.restarts = 1
+    torch.manual_seed(0)
+    assert evaded(old(x, y)) == 0.0
+    torch.manual_seed(0)
+    adv = new(x, y)
+    assert float((adv - x).abs().max()) <= eps + 1e-6
+    assert evaded(adv) > 0.5
+
+
+def test_jacobian_surrogate_keeps_the_decision_and_differentiates_the_channel(classifier, mnist):
+    """On the real small_cnn: the BPDA joint's forward values are the detector's, bit for bit;
+    through a detector that reads only the Jacobian channel, the true input gradient is exactly
+    zero (a ReLU network's logit gradient is piecewise constant) and the surrogate's is not."""
+    from defenses.saliency_detector import _SmoothJacobianJoint
+
+    defense = _defense({"detector": "jsd"})
+    defense.model = classifier
+    torch.manual_seed(0)
+    defense.net = DetectorCNN(2, 28, 28).requires_grad_(False)
+    with torch.no_grad():
+        defense.net.features[0].weight[:, 0] = 0.0  # the image channel: no effect
+    defense.threshold = 0.0
+    x = mnist.test_x[:8]
+    surrogate = _SmoothJacobianJoint(defense)
+    xi = x.clone().requires_grad_(True)
+    logits, score = surrogate(xi)
+    ref_logits, ref_score = defense.joint()(x.clone().requires_grad_(True))
+    assert torch.equal(logits, ref_logits) and torch.equal(score, ref_score)
+    grad, = torch.autograd.grad(score.sum(), xi)
+    xj = x.clone().requires_grad_(True)
+    true_grad, = torch.autograd.grad(defense.joint()(xj)[1].sum(), xj)
+    assert not true_grad.any() and grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="jsd"):
+        _defense({"detector": "spd"}).jacobian_bpda_attack(EPS)
+    assert "bpda_softplus-opgd-20" not in [a.name for a in _defense({"detector": "id"}).adaptive_attacks(EPS)]

@@ -47,6 +47,10 @@ def test_default_preset_sweeps_every_registered_defense_twice():
     ({"defenses": {"standard": {"space": {"lr": 0}}}}, "must be a number > 0"),
     ({"defenses": []}, "defenses"),
     ({"defenses": ["pgd_at"], "threat_model": {"train_precision": "fp8"}}, "'fp32', 'bf16' or 'fp16'"),
+    ({"defenses": ["feature_squeezing"], "threat_model": {"fpr": 0.6}}, "fpr must be in (0, 0.5]"),
+    ({"defenses": ["fgsm_rs"], "train_samples": 200}, "fgsm_rs keeps 256 training images out of "
+                                                      "training for its checks, so it needs train_samples ≥ 257"),
+    ({"defenses": ["standard"], "validation_samples": -1}, "validation_samples"),
 ])
 def test_bad_specs_name_what_is_wrong(raw, needle):
     assert needle in error_of(raw)

@@ -17,7 +17,8 @@ from orchestrator.aggregate import pareto_front
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"name": "tiny", "epochs": 1, "train_samples": 200, "eval_samples": 50, "batch_size": 50,
-        "threat_model": {"eps": 0.3, "attacks": ["fgsm", "pgd-3"], "train_steps": 2}}
+        "threat_model": {"eps": 0.3, "attacks": ["fgsm", "pgd-3"], "train_steps": 2,
+                         "final_eval": "none"}}
 
 
 def read_csv(path):
@@ -58,10 +59,16 @@ def test_smoke_preset_through_ray_tune_and_optuna(ray_session, tmp_path, capsys)
     pareto = read_csv(out / "pareto.csv")
     assert len(trials) == 4 and set(trials.defense) == {"standard", "pgd_at"}
     for col in ["trial_id", "defense", "status", "clean_acc", "robust_acc", "robust_attack",
-                "train_seconds", "checkpoint", "hp.lr", "hp.clean_weight", "acc.fgsm",
-                "acc.pgd-10", "error"]:
+                "clean_acc_ci_low", "robust_acc_ci_high", "n_eval", "robust_acc_search",
+                "final_attack", "final_evaluated", "on_front_within_ci",
+                "train_seconds", "checkpoint", "hp.lr", "hp.clean_weight",
+                # every trial could be on a front here, so acc.* are the final cascade's
+                "acc.apgd_ce-50", "acc.apgd_t-50x3", "error"]:
         assert col in trials.columns, col
     assert (trials.status == "completed").all()
+    # the final evaluation ran (as Ray tasks) on every trial that could be on a front
+    assert pareto.final_evaluated.all() and (pareto.n_eval == 200).all()
+    assert pareto.final_attack.str.startswith("apgd_ce-50+apgd_t-50x3").all()
     assert all(Path(p, "checkpoint.pt").is_file() for p in trials.checkpoint)
     # pareto.csv holds exactly the non-dominated trials, robust_acc descending, one knee
     front = pareto_front(trials, ["clean_acc", "robust_acc"])

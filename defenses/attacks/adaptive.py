@@ -9,6 +9,11 @@
   (e.g. ``gaussian_noise``: a smoothed gradient for step-like, piecewise-constant defenses).
 - ``Transfer``: adversarials crafted on a surrogate (e.g. the undefended base model), judged
   on the defense: no gradient of the defense is used at all.
+- ``smooth_relu``: inside the block every ReLU computes softplus_β instead. A gradient
+  explanation ∇ₓz of a ReLU network is piecewise constant in x, so its own derivative is zero
+  almost everywhere; the softplus network's is not (Dombrowski et al. 2019, "Explanations can
+  be manipulated and geometry is to blame", attack saliency maps this way). BPDA surrogates of
+  a defense that consumes an input gradient are built with it.
 
 Every class is a ``defenses.attacks.Attack``: its output is projected onto the ε-ball and
 [0,1], and the attacked model is frozen in eval mode for the duration. A randomized predictor
@@ -20,6 +25,8 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from defenses.attacks.base import Attack
 from defenses.attacks.pgd import LOSSES, PGD, random_start
@@ -140,5 +147,30 @@ def transfer_pgd(surrogate: nn.Module, eps: float, steps: int = 20, loss: str = 
     return Transfer(PGD(surrogate, eps, steps=steps, loss=loss))
 
 
+_RELUS = (F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_)
+
+
+class _SoftplusForReLU(TorchFunctionMode):
+    """Every ReLU call (``nn.ReLU`` modules and ``F.relu``/``torch.relu`` alike) becomes
+    softplus_β; an in-place ReLU returns a new tensor (callers use the return value)."""
+
+    def __init__(self, beta: float):
+        super().__init__()
+        self.beta = beta
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _RELUS:
+            return F.softplus(args[0], beta=self.beta)
+        return func(*args, **(kwargs or {}))
+
+
+def smooth_relu(beta: float = 10.0) -> contextlib.AbstractContextManager:
+    """Inside the block ReLU is softplus_β (β → ∞: ReLU again). Only for BPDA surrogates: the
+    forward values change by at most log(2)/β per activation."""
+    if not beta > 0:
+        raise ValueError(f"smooth_relu: beta={beta} must be > 0")
+    return _SoftplusForReLU(float(beta))
+
+
 __all__ = ["BPDA", "EOTPGD", "Transfer", "transfer_pgd", "gaussian_noise", "identity_backward",
-           "straight_through"]
+           "straight_through", "smooth_relu"]

@@ -95,3 +95,29 @@ class PGD(Attack):
             # keep the last restart for points no restart fooled (a valid adversarial anyway)
             best[still_correct] = adv[still_correct]
         return best
+
+
+class BIM(PGD):
+    """The Basic Iterative Method (Kurakin et al. 2017, "Adversarial examples in the physical
+    world"; I-FGSM): PGD-K without the random start, ``alpha`` per step (default 2.5·ε/K, the
+    Madry rule PGD uses here). The name is ``bim-K``. Images (N,C,H,W) in [0,1], labels (N,)."""
+
+    def __init__(self, model, eps, steps: int = 10, alpha: float | None = None, loss: str = "ce"):
+        super().__init__(model, eps, steps=steps, alpha=alpha, loss=loss)
+        if steps <= 0:
+            raise ValueError(f"BIM: steps={steps} must be positive")
+        self.name = f"bim-{steps}" if loss == "ce" else f"bim_{loss}-{steps}"
+
+    def forward(self, images, labels):
+        return pgd_steps(self.model, images, labels, self.eps, self.alpha, self.steps, False, self.loss)
+
+
+def pgd_restarts(model, eps, steps: int, restarts: int, loss: str = "ce") -> PGD:
+    """PGD-K with R uniform random starts, a point counting as broken if any run breaks it
+    (Madry et al.'s "K steps, R restarts" rows). Named ``pgd-KxR`` (``pgd_cw-KxR``), so it never
+    shares a cascade name with the single-start ``pgd-K``."""
+    if restarts <= 0:
+        raise ValueError(f"pgd_restarts: restarts={restarts} must be positive")
+    attack = PGD(model, eps, steps=steps, loss=loss, restarts=restarts)
+    attack.name = f"{attack.name}x{restarts}"
+    return attack
