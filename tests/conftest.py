@@ -64,3 +64,13 @@ def linear(mnist):
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module's tests: the machine is shared, and one thread each is
+    faster than oversubscribed cores (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

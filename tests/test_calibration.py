@@ -18,13 +18,7 @@ from defenses.saliency_detector import SaliencyDetector
 EPS = 0.3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the machine is shared: one thread each is faster than oversubscribed cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(x: torch.Tensor) -> set[bytes]:

@@ -41,13 +41,7 @@ def _checkpoint(model, path):
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the machine is shared: one thread each is faster than oversubscribed cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
