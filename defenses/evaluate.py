@@ -315,9 +315,12 @@ class EvalResult:
 
 def benchmark(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float,
               attacks: Sequence[AttackSpec], batch_size: int = 256, adaptive: bool = True,
-              *, norm: str = "Linf") -> EvalResult:
+              *, norm: str = "Linf", known: torch.Tensor | None = None) -> EvalResult:
     """Evaluate ``defense`` on (x, y) against ``attacks`` (names, presets or ``Attack``s) at
     L∞ radius ``eps``, then (``adaptive``) against the defense's own adaptive attacks.
+    ``known``: bool per input (the first ``len(known)`` of x) that an earlier evaluation of
+    this same model at this ε already broke: they are not attacked again and count as broken
+    (``broken_by[EARLIER]``), as a cascade does with the points earlier attacks broke.
     The model is in eval mode throughout and its mode restored after."""
     check_images(x, "evaluation images")
     check_eps(eps)
@@ -330,13 +333,21 @@ def benchmark(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float,
         clean_acc = robust.float().mean().item()
         acc: dict[str, float] = {}
         broken_by: dict[str, int] = {}
+        names = [a.name for a in built]
+        if known is not None:
+            earlier = torch.zeros_like(robust)
+            k = min(len(known), len(robust))
+            earlier[:k] = known[:k].to(robust.device) & robust[:k]
+            robust &= ~earlier
+            broken_by[EARLIER], acc[EARLIER] = int(earlier.sum()), robust.float().mean().item()
+            names.append(EARLIER)
         for attack in built:
             broken_by[attack.name] = _run_attack(defense, attack, x, y, robust, batch_size)
             acc[attack.name] = robust.float().mean().item()
             log.debug("after %s at ε=%g: robust %.4f", attack.name, eps, acc[attack.name])
     return EvalResult(
         clean_acc=clean_acc, robust_acc=robust.float().mean().item(),
-        robust_attack="+".join(a.name for a in built), acc=acc, broken_by=broken_by,
+        robust_attack="+".join(names), acc=acc, broken_by=broken_by,
         clean_rejected=rejected.float().mean().item(), n=len(y),
         seconds=time.perf_counter() - start, eps=float(eps), robust_mask=robust.cpu())
 
@@ -412,6 +423,11 @@ class Report:
     def primary(self) -> EvalResult:
         return next(iter(self.results.values()))
 
+    def broken(self) -> dict[float, torch.Tensor]:
+        """Per ε, bool per evaluated input: not robust (wrong, rejected or broken by an attack);
+        what a later evaluation of the same model passes as ``known``."""
+        return {eps: ~r.robust_mask for eps, r in self.results.items() if r.robust_mask is not None}
+
     def curve_columns(self) -> dict[str, float]:
         """``robust_acc@<ε>``, ``n_eval@<ε>`` and ``acc.<attack>@<ε>`` for every ε (the primary
         one too)."""
@@ -424,17 +440,21 @@ class Report:
         return out
 
 
-def evaluate(defense: Defense, data: tuple[torch.Tensor, torch.Tensor], spec: EvalSpec) -> Report:
+def evaluate(defense: Defense, data: tuple[torch.Tensor, torch.Tensor], spec: EvalSpec,
+             known: dict[float, torch.Tensor] | None = None) -> Report:
     """Every ε of ``spec`` (same seed for each, so curves compare like with like), then the
-    gradient-masking checks of ``defenses.masking`` on their bounded subset."""
+    gradient-masking checks of ``defenses.masking`` on their bounded subset. ``known``: per ε,
+    the points an earlier evaluation of the same model broke (``Report.broken()`` of it; see
+    ``benchmark``): the sweep's final evaluation starts from what the search already found."""
     x, y = data
+    known = known or {}
     start = time.perf_counter()
     results: dict[float, EvalResult] = {}
     for i, eps in enumerate(spec.eps):
         n = len(y) if i == 0 or spec.curve_samples is None else min(spec.curve_samples, len(y))
         torch.manual_seed(spec.seed)  # the attacks' random starts
         results[eps] = benchmark(defense, x[:n], y[:n], eps, spec.attacks, spec.batch_size,
-                                 spec.adaptive, norm=spec.norm)
+                                 spec.adaptive, norm=spec.norm, known=_at(known, eps))
         log.info("ε=%s: clean %.4f robust %.4f (%s)", eps_label(eps), results[eps].clean_acc,
                  results[eps].robust_acc, results[eps].robust_attack)
     flags: dict[str, bool] = {}
@@ -445,17 +465,25 @@ def evaluate(defense: Defense, data: tuple[torch.Tensor, torch.Tensor], spec: Ev
         flags, evidence = found.flags, found.evidence
         count_broken(results[spec.eps[0]], found.broken, CHECK_PREFIX, CHECKS)
     monotone_in_eps(results)
-    # the defense's own metrics run every attack on every point (not a cascade on survivors):
-    # bounded like the curve, on its first points
+    # the defense's own metrics run every attack of the spec's cascade on every point (not on
+    # survivors), so they are bounded like the curve, on its first points; the adaptive
+    # attacks are left out: they already count in robust_acc, and on a detector they cost
+    # 3-4x the cascade (feature squeezing: 85 of a trial's 365 s when they ran here)
     n = len(y) if spec.curve_samples is None else min(spec.curve_samples, len(y))
     with frozen_eval(defense.model):
         metrics = defense.evaluation_metrics(
-            x[:n], y[:n], build_attacks(spec.attacks, defense, spec.eps[0], spec.adaptive),
+            x[:n], y[:n], build_attacks(spec.attacks, defense, spec.eps[0], adaptive=False),
             spec.batch_size)
     return Report(results, flags, evidence, time.perf_counter() - start, metrics)
 
 
+def _at(by_eps: dict[float, torch.Tensor], eps: float) -> torch.Tensor | None:
+    return next((v for e, v in by_eps.items() if math.isclose(e, eps)), None)
+
+
 CHECK_PREFIX = "check."      # acc/broken_by keys of the gradient-masking checks' attacks
+EARLIER = "earlier"          # acc/broken_by key (and robust_attack part): broken by an earlier
+                             # evaluation of the same model (the sweep's search, for its final one)
 CHECKS = "checks"            # their name in ``robust_attack``
 SMALLER_EPS = "smaller_eps"  # acc/broken_by key (and robust_attack part): broken at a smaller ε
 
@@ -496,5 +524,5 @@ def monotone_in_eps(results: dict[float, EvalResult]) -> None:
 __all__ = ["EvalResult", "EvalSpec", "Report", "benchmark", "evaluate", "build_attacks",
            "make_attack", "parse_attack", "check_attacks", "check_eps", "eps_label", "parse_eps",
            "default_eval_eps", "large_eps", "predict_labels", "EvalConfigError", "PRESETS",
-           "count_broken", "monotone_in_eps",
+           "count_broken", "monotone_in_eps", "EARLIER",
            "FAST", "STANDARD", "REDUCED", "DEFAULT_EVAL_EPS", "LARGE_EPS"]

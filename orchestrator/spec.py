@@ -193,6 +193,16 @@ class SweepSpec(_Strict):
                              f"use at most {size} (or leave it out: all of them)")
         return v
 
+    @field_validator("threat_model")
+    @classmethod
+    def _curve_within_test_split(cls, v: ThreatSpec, info) -> ThreatSpec:
+        dataset = info.data.get("dataset")
+        size = data_lib.TEST_SIZES.get(dataset) if dataset else None
+        if v.curve_samples is not None and size is not None and v.curve_samples > size:
+            raise ValueError(f"threat_model.curve_samples={v.curve_samples} exceeds the {size} test "
+                             f"images of {dataset}; use at most {size} (or null: all of eval_samples)")
+        return v
+
     @field_validator("resources")
     @classmethod
     def _every_rank_gets_examples(cls, v: ResourceSpec, info) -> ResourceSpec:
@@ -222,7 +232,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "name": "smoke", "dataset": "mnist5k", "model": "small_cnn", "epochs": 1,
         "train_samples": 1000, "eval_samples": 200, "batch_size": 100,
         "final_samples": 200,
-        "threat_model": {"eps": 0.3, "attacks": ["fast"], "train_steps": 3,
+        "threat_model": {"eps": 0.3, "attacks": ["fast"], "train_steps": 3, "curve_samples": 100,
                          "final_eval": list(FINAL_SMOKE)},
         "defenses": {"standard": {"trials": 2}, "pgd_at": {"trials": 2}},
     },
@@ -230,8 +240,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # re-evaluated on all 1,000 test images
     "default": {
         "name": "default", "dataset": "mnist5k", "model": "small_cnn", "epochs": 3,
-        "train_samples": 2000, "eval_samples": 500, "batch_size": 100,
-        "threat_model": {"eps": 0.3, "attacks": ["fast"], "train_steps": 5,
+        "train_samples": 2000, "eval_samples": 300, "batch_size": 100,
+        "threat_model": {"eps": 0.3, "attacks": ["fast"], "train_steps": 5, "curve_samples": 100,
                          "final_eval": list(FINAL_DEFAULT)},
         "defenses": "all", "trials_per_defense": 2,
     },

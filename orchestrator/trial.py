@@ -194,9 +194,12 @@ def build_setup(spec: SweepSpec, defense_name: str, hp: dict[str, Any], device: 
 
 
 def save_checkpoint(folder: Path, s: TrialSetup, epoch: int, train_seconds: float,
-                    record: TrialRecord | None = None) -> None:
+                    record: TrialRecord | None = None,
+                    broken: dict[float, torch.Tensor] | None = None) -> None:
     """``record``: the evaluated trial, kept in its final checkpoint so that a trial restarted
-    after it finished (a driver killed before it saw the end) reports it instead of redoing it."""
+    after it finished (a driver killed before it saw the end) reports it instead of redoing it.
+    ``broken``: per ε, the test points its evaluation found not robust (``Report.broken()``),
+    which the sweep's final evaluation of this checkpoint does not attack again."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({
         "model": s.defense.model.state_dict(),
@@ -208,8 +211,15 @@ def save_checkpoint(folder: Path, s: TrialSetup, epoch: int, train_seconds: floa
                  "num_classes": s.data.num_classes, "in_channels": s.data.in_channels,
                  "seed": s.spec.seed, "hp": s.hp},
         "record": record.to_dict() if record is not None else None,
+        "broken": {"eps": list(broken), "masks": list(broken.values())} if broken else None,
         "spec_digest": spec_digest(s.spec),
     }, folder / CHECKPOINT_FILE)
+
+
+def saved_broken(file: Path) -> dict[float, torch.Tensor]:
+    """What ``save_checkpoint(broken=...)`` stored (empty for a checkpoint without it)."""
+    saved = torch.load(file, map_location="cpu", weights_only=True).get("broken")
+    return dict(zip(saved["eps"], saved["masks"])) if saved else {}
 
 
 def spec_digest(spec: SweepSpec) -> str:
@@ -289,6 +299,7 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
         s.optimizer = parallel.wrap_optimizer(s.optimizer)
         start_epoch, seconds_before = 0, 0.0
         restored = reporter.restore()
+        record.warning = getattr(reporter, "warning", "")
         if restored is not None:
             start_epoch, seconds_before = load_checkpoint(restored, s)
             log.info("trial %s resumed after epoch %d", reporter.trial_id, start_epoch)
@@ -312,13 +323,15 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
         record.train_seconds = seconds_before + train(s, spec.epochs, start_epoch, on_epoch, parallel)
         record.flags = s.defense.flags()
         record.status = COMPLETED
+        broken = None
         if chief:
             with parallel.local_only():
                 report = _evaluate(s)
             record.set_evaluation(report)
+            broken = report.broken()
         with tempfile.TemporaryDirectory() as tmp:
             if chief:
-                save_checkpoint(Path(tmp), s, record.epochs, record.train_seconds, record)
+                save_checkpoint(Path(tmp), s, record.epochs, record.train_seconds, record, broken)
             reporter.report(final_metrics(record, spec.epochs, start_epoch), Path(tmp) if chief else None)
         return record
     except TrainingDiverged as e:

@@ -178,6 +178,34 @@ def test_benchmark_cascade_and_backward_compatible_signature(linear, data):
     assert sum(r.broken_by.values()) == round((r.clean_acc - r.robust_acc) * r.n)
 
 
+def test_points_an_earlier_evaluation_broke_count_and_are_not_attacked_again(linear, data):
+    """The final evaluation starts from the search's evidence, as a cascade does: a point
+    broken before stays broken (even against an attack that breaks nothing) and is not
+    attacked again; only the first len(known) inputs are covered."""
+    class Identity(ev.Attack):
+        name = "identity"
+
+        def forward(self, images, labels):
+            seen.append(len(images))
+            return images
+
+    seen: list[int] = []
+    x, y = data
+    clean = ev.benchmark(Plain(linear), x, y, EPS, [Identity(linear, EPS)], adaptive=False)
+    known = torch.zeros(40, dtype=torch.bool)
+    known[:20] = True  # "broken earlier": the first 20 (the clean-wrong among them change nothing)
+    seen.clear()
+    r = ev.benchmark(Plain(linear), x, y, EPS, [Identity(linear, EPS)], adaptive=False, known=known)
+    earlier = int(clean.robust_mask[:20].sum())
+    assert r.broken_by[ev.EARLIER] == earlier > 0 and r.robust_attack == "identity+earlier"
+    assert r.robust_acc == pytest.approx(clean.robust_acc - earlier / len(y))
+    assert r.clean_acc == clean.clean_acc and sum(seen) == int(r.robust_mask.sum())
+    assert not r.robust_mask[:20].any()
+    # a Report hands its not-robust points to the next evaluation
+    report = ev.Report({EPS: r}, {}, {}, 0.0)
+    assert torch.equal(report.broken()[EPS], ~r.robust_mask)
+
+
 def test_autoattack_components_break_an_undefended_model(linear, data):
     x, y = data[0][:20], data[1][:20]
     r = ev.benchmark(Plain(linear), x, y, EPS, ["apgd_ce-5", "apgd_t-5x2", "fab_t-5x2", "square-50"],
