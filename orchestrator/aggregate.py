@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from orchestrator.outdir import overwrite_problem, write_failure
 from orchestrator.records import COMPLETED, IDENTITY_COLUMNS, load_records
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ GROUP_PREFIXES: tuple[str, ...] = (CURVE_PREFIX, "robust_acc_ci_", "n_eval@", "h
                                    "metric.")
 FLAG_PREFIX = "flag."
 SUSPECT_COLUMN = "suspect"
-TAIL_COLUMNS: tuple[str, ...] = ("error", SUSPECT_COLUMN)
+TAIL_COLUMNS: tuple[str, ...] = ("error", "warning", SUSPECT_COLUMN)
 
 
 # ---------------------------------------------------------------------------- columns / flags
@@ -408,13 +409,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="run directory holding records/*.json")
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default: the run dir; required with several)")
+    p.add_argument("--force", action="store_true",
+                   help="let --out replace the CSVs/plot already in it (without --out, a run "
+                        "dir's own exports are always rewritten)")
     p.add_argument("--exclude-flagged", action="store_true",
                    help="leave trials with any flag.* raised (e.g. gradient masking) off the "
                         "Pareto fronts; trials.csv keeps them")
     return p
 
 
-def _input_problem(run_dirs: list[Path], out: Path | None) -> str | None:
+EXPORTS = ("trials.csv", "pareto.csv", "pareto_by_eps.csv", "pareto.png")  # what export_all writes
+
+
+def _input_problem(run_dirs: list[Path], out: Path | None, force: bool = False) -> str | None:
     """First thing wrong with the arguments, phrased with its fix; None when all is well."""
     for d in run_dirs:
         if not d.is_dir():
@@ -425,12 +432,16 @@ def _input_problem(run_dirs: list[Path], out: Path | None) -> str | None:
         return f"{len(run_dirs)} run dirs given but no --out; add --out DIR for the merged output"
     if out is not None and out.exists() and not out.is_dir():
         return f"--out {out} is a file, not a directory; choose another --out"
+    if out is not None and all(out.resolve() != d.resolve() for d in run_dirs):
+        problem = overwrite_problem([out / name for name in EXPORTS], force)
+        if problem:
+            return f"--out: {problem}"
     return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    problem = _input_problem(args.run_dirs, args.out)
+    problem = _input_problem(args.run_dirs, args.out, args.force)
     if problem:
         _complain(problem)
         return 2
@@ -438,7 +449,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from orchestrator.export import export_all  # export builds on this module: import late
     out = args.out or args.run_dirs[0]
     df = merge_runs(args.run_dirs)
-    paths = export_all(df, out, exclude_flagged=args.exclude_flagged)
+    try:
+        paths = export_all(df, out, exclude_flagged=args.exclude_flagged)
+    except OSError as e:  # disk full, read-only folder: what was there stays as it was
+        _complain(write_failure(out, e))
+        return 1
     front = pareto_front(df, exclude_flagged=args.exclude_flagged)
     print(f"{len(df)} trials ({int((df['status'] == COMPLETED).sum())} completed), "
           f"{len(front)} on the Pareto front, hypervolume {hypervolume(front):.4f}")

@@ -39,9 +39,10 @@ from defenses import registry
 from defenses.base import DefenseConfigError
 from defenses.data import DatasetError, as_float
 from orchestrator.aggregate import fronts_by_eps, front_layers, merge_runs, reaches_front
+from orchestrator.outdir import overwrite_problem
 from orchestrator.records import TrialRecord, load_records, save_record, write_json_atomic
 from orchestrator.spec import SpecError, SweepSpec, parse
-from orchestrator.trial import CHECKPOINT_FILE, TrialSetup, build_setup, load_checkpoint
+from orchestrator.trial import CHECKPOINT_FILE, TrialSetup, build_setup, load_checkpoint, saved_broken
 
 log = logging.getLogger("orchestrator.evaluate")
 EXIT_BAD_INPUT = 2
@@ -225,7 +226,11 @@ def reevaluate(record: dict[str, Any], spec: dict[str, Any], run_dir: str,
     """One trial's final evaluation: restore its checkpoint (base models from ``run_dir``,
     never retrained), evaluate it with ``attacks`` on the spec's ``final_samples`` test
     images, return the updated record (as a dict). A checkpoint that cannot be restored
-    leaves the record's search-time numbers, with the reason in ``error``."""
+    leaves the record's search-time numbers, with the reason in ``error``.
+
+    The points the search-time evaluation broke (stored in the checkpoint) stay broken and are
+    not attacked again, as in a cascade: the final numbers are the worst case over both
+    evaluations, and the final attacks' time goes to the points the search left robust."""
     from orchestrator.trial import choose_device
 
     rec, sweep = TrialRecord.from_dict(record), SweepSpec.model_validate(spec)
@@ -237,8 +242,9 @@ def reevaluate(record: dict[str, Any], spec: dict[str, Any], run_dir: str,
         log.error("trial %s not re-evaluated: %s", rec.trial_id, e)
         rec.error = f"final evaluation: {e}"
         return rec.to_dict()
+    known = saved_broken(checkpoint_file(local_checkpoint(rec.checkpoint)))
     report = eval_lib.evaluate(s.defense, eval_data(s, sweep.final_samples or len(s.data.test_y)),
-                               eval_spec(s, attacks))
+                               eval_spec(s, attacks), known)
     apply_report(rec, report, report.primary.robust_attack)
     return rec.to_dict()
 
@@ -324,7 +330,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="fail unless the checkpoint is of this dataset")
     p.add_argument("--model", default=None, help="fail unless the checkpoint is of this model")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    p.add_argument("--json", type=Path, default=None,
+                   help="also write the report as JSON here (never over an existing file "
+                        "unless --force)")
+    p.add_argument("--force", action="store_true", help="let --json replace an existing file")
     return p
 
 
@@ -353,6 +362,8 @@ def _check_args(args: argparse.Namespace) -> tuple[list[str] | None, list[float]
         raise EvaluateError(f"--device {args.device!r}: use cpu or cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise EvaluateError("--device cuda: no CUDA device here; drop --device or use cpu")
+    if args.json is not None and (problem := overwrite_problem([args.json], args.force)):
+        raise EvaluateError(f"--json: {problem}")
     return attacks, eps
 
 

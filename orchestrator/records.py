@@ -53,6 +53,7 @@ class TrialRecord:
     eval_seconds: float = math.nan
     checkpoint: str = ""
     error: str = ""
+    warning: str = ""               # what went wrong and was recovered from (e.g. a bad checkpoint)
     run_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,7 +98,7 @@ class TrialRecord:
     def to_row(self) -> dict[str, Any]:
         """One flat CSV row: identity columns (with the accuracies' intervals), then hp.*,
         acc.*, the curve's robust_acc@<eps>, its intervals and acc.<attack>@<eps>, flag.*,
-        metric.*, error."""
+        metric.*, error, warning."""
         ci = self.intervals()
         row: dict[str, Any] = {c: ci[c] if c in ci else getattr(self, c) for c in IDENTITY_COLUMNS}
         row.update({f"hp.{k}": v for k, v in sorted(self.hp.items())})
@@ -107,6 +108,7 @@ class TrialRecord:
         row.update({f"flag.{k}": bool(v) for k, v in sorted(self.flags.items())})
         row.update({f"metric.{k}": v for k, v in sorted(self.metrics.items())})
         row["error"] = self.error
+        row["warning"] = self.warning
         return row
 
 

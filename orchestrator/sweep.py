@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -31,14 +32,19 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own console table sta
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 from defenses import data as data_lib  # noqa: E402
+from orchestrator import outdir  # noqa: E402
 from orchestrator.spec import SpecError, SweepSpec, build_space, load, space_module  # noqa: E402
 
 log = logging.getLogger("orchestrator.sweep")
-EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
+EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_EXPORT_FAILED = 2, 130, 1
 
 
 class InputError(Exception):
     """Bad input found before any expensive work: one line, exit code 2."""
+
+
+class ExportFailed(Exception):
+    """The CSVs/manifest could not be written (the records are): one line, exit code 1."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -91,17 +97,47 @@ def resolve_storage(args: argparse.Namespace, out: Path) -> str:
     return args.storage_path or used or str(out / "tune")
 
 
+def code_version() -> dict:
+    """What a run's numbers were computed with: git SHA and key package versions."""
+    from orchestrator.export import git_sha, package_versions
+
+    return {"git_sha": git_sha(), "versions": package_versions()}
+
+
+def code_changes(out: Path) -> str | None:
+    """One line naming what differs between the code that started the run in ``out`` and the
+    code resuming it (None: the same, or unknown)."""
+    try:
+        saved = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    now = code_version()
+    changed = []
+    if saved.get("git_sha") and now["git_sha"] and saved["git_sha"] != now["git_sha"]:
+        changed.append(f"git {saved['git_sha'][:8]} -> {now['git_sha'][:8]}")
+    for name, was in (saved.get("versions") or {}).items():
+        if was and now["versions"].get(name) and was != now["versions"][name]:
+            changed.append(f"{name} {was} -> {now['versions'][name]}")
+    if not changed:
+        return None
+    return (f"warning: resuming {out} with other code than it started with ({', '.join(changed)}); "
+            "its finished trials keep the numbers the earlier code computed")
+
+
 def _same_place(storage: str) -> str:
     return storage.rstrip("/") if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
 def check_out_dir(out: Path, resume: bool) -> None:
-    earlier = (out / "spec.json").exists() or (out / "records").exists()
-    if resume and not earlier:
-        raise InputError(f"--resume: {out} holds no earlier run to resume; drop --resume to start one")
-    if not resume and earlier:
-        raise InputError(f"output dir {out} holds an earlier run; pass --resume to continue it or "
-                         "choose another --out")
+    """``--resume`` needs an earlier run in ``out``; a new sweep needs ``out`` absent or empty
+    (the lock this sweep holds aside): nothing a user keeps there is ever overwritten."""
+    if resume:
+        if not (out / "spec.json").is_file():
+            raise InputError(f"--resume: {out} holds no earlier run to resume; drop --resume to start one")
+    else:
+        problem = outdir.fresh_problem(out, ignore=(outdir.LOCK_FILE,))
+        if problem:
+            raise InputError(problem)
     _check_writable(out, f"output dir {out}", "--out")
 
 
@@ -260,10 +296,11 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
         ray.init(address=address or "local", include_dashboard=False, dashboard_host="127.0.0.1",
                  log_to_driver=False, logging_level=logging.WARNING,
                  **({} if address else {"num_cpus": os.cpu_count()}))
+    received = stop_on_signals()  # after ray.init: Ray's driver handler must not win
     cap = cluster_capacity(ray)
     check_resources(spec, cap["cpus"], cap["gpus"], "the Ray cluster", cap["node_cpus"], cap["node_gpus"])
     (out / "spec.json").write_text(json.dumps(spec.model_dump(), indent=1))
-    (out / "run.json").write_text(json.dumps({"storage_path": storage}, indent=1))
+    (out / "run.json").write_text(json.dumps({"storage_path": storage, **code_version()}, indent=1))
 
     r = spec.resources
     console = Console()
@@ -303,22 +340,48 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
         board.stop()
         _export(spec, out, started)
     if interrupted:
-        print(f"interrupted: results so far are in {out}; resume with: "
-              f"python orchestrator/sweep.py --resume --out {out}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted(out, received)
     if spec.threat_model.final_eval:
         from orchestrator.evaluate import final_evaluation
 
         print(f"final evaluation ({'+'.join(spec.threat_model.final_eval)}) of the trials that "
               "could be on a final front ...", file=sys.stderr)
         t0 = time.time()
-        done = final_evaluation(out, spec)
+        try:
+            done = final_evaluation(out, spec)
+        except KeyboardInterrupt:  # the re-evaluations saved so far are kept; resume does the rest
+            _export(spec, out, started)
+            return _interrupted(out, received)
         print(f"final evaluation: {len(done)} trials re-evaluated in {time.time() - t0:.0f} s",
               file=sys.stderr)
         _export(spec, out, started)
         print_front(out / "pareto.csv")
     print(f"done: {out / 'pareto.csv'} ({out / 'trials.csv'}, {out / 'pareto.png'})")
     return 0
+
+
+def stop_on_signals() -> dict[str, int]:
+    """SIGTERM (Slurm, Kubernetes, spot preemption) and SIGHUP (a closed SSH session) stop the
+    sweep as Ctrl-C does: each is turned into a SIGINT, so Tune stops the running trials and
+    saves its state, and the CSVs of everything finished are written. Returns where the
+    signal received is noted (for the exit code, 128 + its number)."""
+    received: dict[str, int] = {}
+
+    def as_ctrl_c(signum, frame):
+        received.setdefault("signal", signum)
+        signal.raise_signal(signal.SIGINT)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, as_ctrl_c)
+    return received
+
+
+def _interrupted(out: Path, received: dict[str, int]) -> int:
+    sig = received.get("signal")
+    what = f"stopped by {signal.Signals(sig).name}" if sig else "interrupted"
+    print(f"{what}: results so far are in {out}; resume with: "
+          f"python orchestrator/sweep.py --resume --out {out}", file=sys.stderr)
+    return 128 + sig if sig else EXIT_INTERRUPTED
 
 
 def _tuner(tune, trainable, spec: SweepSpec, defense: str, out: Path, resume: bool, callbacks,
@@ -361,31 +424,42 @@ def _export(spec: SweepSpec, out: Path, started: float) -> None:
     from orchestrator.aggregate import merge_runs
     from orchestrator.export import export_all, write_manifest
 
-    export_all(merge_runs([out]), out, objectives=tuple(spec.objectives),
-               exclude_flagged=spec.threat_model.exclude_flagged)
     final = spec.threat_model.final_eval
-    write_manifest(out, spec.model_dump(), started, time.time(), [spec.seed], extra={
-        "final_eval": final or "none",
-        "numbers": "final: the trials that could be on a front were re-evaluated with final_eval "
-                   "(final_evaluated, final_attack per trial)" if final else
-                   "search-time: no final re-evaluation (final_eval none); robust accuracies are "
-                   "those of the search-time attacks"})
+    try:
+        export_all(merge_runs([out]), out, objectives=tuple(spec.objectives),
+                   exclude_flagged=spec.threat_model.exclude_flagged)
+        write_manifest(out, spec.model_dump(), started, time.time(), [spec.seed], extra={
+            "final_eval": final or "none",
+            "numbers": "final: the trials that could be on a front were re-evaluated with final_eval "
+                       "(final_evaluated, final_attack per trial)" if final else
+                       "search-time: no final re-evaluation (final_eval none); robust accuracies are "
+                       "those of the search-time attacks"})
+    except OSError as e:  # disk full, folder made read-only: the records are kept, resume exports
+        raise ExportFailed(f"{outdir.write_failure(out, e)}; once there is room: "
+                           f"python orchestrator/sweep.py --resume --out {out}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    lock = None
     try:
         out = Path(args.out) if args.out else None
         if args.resume:
             if out is None:
                 raise InputError("--resume needs --out DIR: the run directory to continue")
             check_out_dir(out, resume=True)
+            lock = hold_lock(out)
+            if (changes := code_changes(out)):
+                print(changes, file=sys.stderr)
         spec = resolve_spec(args, out)
         from orchestrator.evaluate import with_eval_options
         spec = with_eval_options(spec, args.final_eval, args.exclude_flagged)
         if not args.resume:
             out = out or Path("runs") / spec.name
+            if (problem := outdir.fresh_problem(out)) and not (out / outdir.LOCK_FILE).exists():
+                raise InputError(problem)  # before the lock: a folder with files is left as it is
+            lock = hold_lock(out)
             check_out_dir(out, resume=False)
         data_lib.check_available(spec.dataset, spec.data_root)
         storage = check_storage(resolve_storage(args, out))
@@ -394,7 +468,9 @@ def main(argv: list[str] | None = None) -> int:
             check_reachable(address)
         else:
             check_resources(spec, float(os.cpu_count() or 1), float(local_gpus()), "this machine")
-    except (SpecError, InputError, data_lib.DatasetError) as e:
+    except (SpecError, InputError, data_lib.DatasetError, outdir.LockHeld) as e:
+        if lock is not None:
+            lock.release()
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
@@ -405,6 +481,20 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:  # cluster resources, known only once connected
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ExportFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_EXPORT_FAILED
+    finally:
+        lock.release()
+
+
+def hold_lock(out: Path) -> outdir.RunLock:
+    """One sweep per folder: ``OUT/.sweep.lock`` (outdir.RunLock); a live holder is named in
+    the one-line error."""
+    _check_writable(out, f"output dir {out}", "--out")
+    lock = outdir.RunLock(out)
+    lock.acquire()
+    return lock
 
 
 if __name__ == "__main__":

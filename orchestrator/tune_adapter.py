@@ -41,19 +41,26 @@ class TuneReporter:
         tune.report(metrics, checkpoint=checkpoint)
 
     def restore(self) -> Path | None:
-        checkpoint = latest_checkpoint()
+        checkpoint, skipped = latest_checkpoint()
+        if skipped:
+            self.warning = (f"unreadable checkpoint(s) skipped on resume ({', '.join(skipped)}): "
+                            + (f"resumed from {checkpoint.path}" if checkpoint else "restarted from epoch 0"))
+            log.warning("trial %s: %s", self.trial_id, self.warning)
         return Path(checkpoint.to_directory()) if checkpoint is not None else None
 
 
-def latest_checkpoint() -> tune.Checkpoint | None:
+def latest_checkpoint() -> tuple[tune.Checkpoint | None, list[str]]:
     """The newest readable checkpoint this trial persisted, else Tune's.
 
     Tune knows a trial's checkpoints from its experiment state, saved every ~10 s; a driver
     killed in between restores trials whose newest checkpoints it does not know (an
     interrupted trial would start over, a finished one would be evaluated again). The trial's
     folder in the storage does know them: the newest file wins (Tune reuses checkpoint names
-    after such a restore, so names do not order them), a truncated copy is passed over."""
+    after such a restore, so names do not order them), a truncated copy (a node that died
+    while writing it) is passed over for the previous kept one, and with none readable the
+    trial starts over. Returns the checkpoint (None: start over) and the paths skipped."""
     known = tune.get_checkpoint()
+    skipped: list[str] = []
     try:
         storage = tune.get_context().get_storage()
         fs, root = storage.storage_filesystem, storage.trial_fs_path
@@ -62,13 +69,16 @@ def latest_checkpoint() -> tune.Checkpoint | None:
                  if e.type == pyarrow.fs.FileType.Directory and e.base_name.startswith("checkpoint_")]
     except (OSError, AttributeError, ValueError) as e:
         log.warning("cannot list this trial's checkpoints (%s); using Tune's", e)
-        return known
-    files = [f for f in files if f.type == pyarrow.fs.FileType.File and f.size]
+        files = []
+    files = [f for f in files if f.type == pyarrow.fs.FileType.File]
     for f in sorted(files, key=lambda f: f.mtime_ns or 0, reverse=True):
         candidate = tune.Checkpoint(f.path.rsplit("/", 1)[0], fs)
-        if _readable(candidate):
-            return candidate
-    return known
+        if f.size and _readable(candidate):
+            return candidate, skipped
+        skipped.append(candidate.path)
+    if known is not None and known.path not in skipped and not _readable(known):
+        skipped.append(known.path)
+    return (None if known is None or known.path in skipped else known), skipped
 
 
 def _readable(checkpoint: tune.Checkpoint) -> bool:
@@ -194,7 +204,7 @@ def run_data_parallel(trial: dict[str, Any], spec: SweepSpec, storage: str) -> N
     name = f"{trial_id}-{uuid.uuid4().hex[:6]}"  # one Train run per attempt: no stale state
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={**trial, "trial_id": trial_id, "resume_from": latest_checkpoint()},
+        train_loop_config={**trial, "trial_id": trial_id, "resume_from": latest_checkpoint()[0]},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.workers_per_trial, use_gpu=use_gpu,

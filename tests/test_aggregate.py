@@ -211,7 +211,7 @@ def test_merge_runs_dedups_orders_columns_and_names_suspects(tmp_path: Path) -> 
     assert df.loc[df.run_id == "b", "trial_id"].item() == "t0"
     assert list(df.columns) == [*IDENTITY_COLUMNS, "hp.beta", "hp.eps", "hp.lr",
                                 "acc.apgd", "acc.fgsm", "acc.pgd", "flag.co", "flag.masking",
-                                "metric.auc", "error", "suspect"]
+                                "metric.auc", "error", "warning", "suspect"]
     assert df.set_index(["run_id", "trial_id"])["suspect"].to_dict() == {
         ("r1", "t0"): "co,masking", ("r1", "t1"): "", ("b", "t0"): ""}
 
@@ -219,7 +219,7 @@ def test_merge_runs_dedups_orders_columns_and_names_suspects(tmp_path: Path) -> 
 def test_merge_runs_of_empty_run_has_the_schema(tmp_path: Path) -> None:
     (tmp_path / "records").mkdir()
     df = merge_runs([tmp_path])
-    assert df.empty and list(df.columns) == [*IDENTITY_COLUMNS, "error", "suspect"]
+    assert df.empty and list(df.columns) == [*IDENTITY_COLUMNS, "error", "warning", "suspect"]
 
 
 def test_suspect_labels_ignore_missing_flags() -> None:
@@ -273,6 +273,19 @@ def test_cli_merges_two_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     assert list(zip(pareto.run_id, pareto.trial_id)) == [("r2", "t0"), ("r1", "t0")]
     assert (out / "pareto.png").stat().st_size > 0
     assert "3 trials" in capsys.readouterr().out
+
+
+def test_cli_out_never_replaces_files_without_force(tmp_path: Path, capsys) -> None:
+    save_record(tmp_path / "r1", rec("t0", "r1", 0.9, robust=0.1))
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "pareto.csv").write_text("precious")
+    assert aggregate.main([str(tmp_path / "r1"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pareto.csv" in err[0] and "--force" in err[0]
+    assert (out / "pareto.csv").read_text() == "precious" and not (out / "trials.csv").exists()
+    assert aggregate.main([str(tmp_path / "r1"), "--out", str(out), "--force"]) == 0
+    assert pd.read_csv(out / "pareto.csv").trial_id.tolist() == ["t0"]
 
 
 def test_cli_single_run_writes_into_the_run_dir(tmp_path: Path) -> None:

@@ -149,6 +149,41 @@ def test_final_evaluation_reevaluates_the_front_and_keeps_search_numbers(run, tm
     assert trials.loc["a", "robust_acc_search"] == 0.8 and trials.loc["a", "n_eval"] == 20
 
 
+def test_json_never_replaces_a_file_without_force(run, tmp_path, capsys):
+    _, ckpt = run
+    out = tmp_path / "kept.json"
+    out.write_text("precious")
+    assert cli.main([str(ckpt), "--attacks", "fgsm", "--json", str(out)]) == 2
+    line = one_error_line(capsys)
+    assert "kept.json already exists" in line and "--force" in line
+    assert out.read_text() == "precious"
+
+
+def test_final_evaluation_keeps_what_the_search_broke(run, trained_cnn, tmp_path):
+    """The search-time evaluation's broken points, stored in the checkpoint, stay broken in the
+    final one: the final number is the worst case over both evaluations."""
+    run_dir, _ = run
+    spec = parse(SPEC)
+    s = build_setup(spec, "standard", {}, torch.device("cpu"), run_dir)
+    s.defense.model.load_state_dict(trained_cnn.state_dict())  # ≈97 % clean, robust at ε = 0.1
+
+    def final(broken):
+        folder = tmp_path / f"ckpt{len(broken)}"
+        save_checkpoint(folder, s, 1, 0.0, broken=broken)
+        rec = TrialRecord("k", "standard", "mnist5k", "small_cnn", 0, status="completed",
+                          clean_acc=0.9, robust_acc=0.0, n_eval=20, checkpoint=str(folder))
+        return TrialRecord.from_dict(cli.reevaluate(rec.to_dict(), spec.model_dump(),
+                                                    str(run_dir), ["fgsm"]))
+
+    alone = final({})
+    assert alone.clean_acc > 0.8 and alone.curve["robust_acc@0.1"] > 0
+    everything = {0.3: torch.ones(20, dtype=torch.bool), 0.1: torch.ones(20, dtype=torch.bool)}
+    out = final(everything)
+    assert out.final_evaluated and out.clean_acc == alone.clean_acc
+    assert out.robust_acc == 0.0 and out.curve["robust_acc@0.1"] == 0.0
+    assert "earlier" in out.robust_attack.split("+")
+
+
 def test_final_evaluation_none_opts_out(run):
     spec = parse({**SPEC, "threat_model": {**SPEC["threat_model"], "final_eval": "none"}})
     assert spec.threat_model.final_eval == []

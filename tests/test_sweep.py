@@ -1,7 +1,9 @@
 """The sweep CLI: the smoke preset through real Ray Tune + Optuna, bad input, Ctrl-C, resume."""
 import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from orchestrator import sweep
+from orchestrator import outdir, sweep
 from orchestrator.aggregate import pareto_front
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,6 +130,54 @@ def test_earlier_run_is_never_overwritten_without_resume(no_ray, tmp_path, capsy
     assert (out / "spec.json").read_text() == '{"kept": true}'
 
 
+def test_a_folder_with_files_the_sweep_did_not_write_is_left_alone(no_ray, tmp_path, capsys):
+    """e.g. the output of ``aggregate --out DIR`` passed as a fresh sweep's --out."""
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "trials.csv").write_text("precious")
+    err = run_bad(capsys, ["--preset", "smoke", "--out", str(out)])
+    assert "trials.csv" in err and "--resume" in err and "another --out" in err
+    assert sorted(p.name for p in out.iterdir()) == ["trials.csv"]
+    assert (out / "trials.csv").read_text() == "precious"
+
+
+def test_a_second_sweep_on_a_locked_folder_names_the_holder(no_ray, tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out.mkdir()
+        (out / outdir.LOCK_FILE).write_text(json.dumps(
+            {"pid": holder.pid, "host": socket.gethostname(), "started": "2026-12-01T00:00:00+00:00"}))
+        err = run_bad(capsys, ["--preset", "smoke", "--out", str(out)])
+        assert f"another sweep writes {out}" in err and f"pid {holder.pid}" in err
+        assert (out / outdir.LOCK_FILE).exists()  # the holder keeps its lock
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / outdir.LOCK_FILE).write_text(json.dumps(
+        {"pid": gone.pid, "host": socket.gethostname(), "started": "2026-12-01T00:00:00+00:00"}))
+    with caplog.at_level(logging.WARNING, logger="orchestrator.outdir"):
+        with outdir.RunLock(tmp_path):
+            assert json.loads((tmp_path / outdir.LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert "taking over the lock" in caplog.text
+    assert not (tmp_path / outdir.LOCK_FILE).exists()  # released on exit
+
+
+def test_resume_with_other_code_warns_in_one_line(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps(
+        {"storage_path": "x", "git_sha": "0" * 40, "versions": {"torch": "0.0.1"}}))
+    line = sweep.code_changes(tmp_path)
+    assert line.startswith("warning: resuming") and "git 00000000 ->" in line
+    assert "torch 0.0.1 ->" in line and "\n" not in line
+    (tmp_path / "run.json").write_text(json.dumps({"storage_path": "x", **sweep.code_version()}))
+    assert sweep.code_changes(tmp_path) is None
+
+
 def test_resume_without_an_earlier_run(no_ray, tmp_path, capsys):
     err = run_bad(capsys, ["--resume", "--out", str(tmp_path / "y")])
     assert "holds no earlier run" in err
@@ -160,8 +210,14 @@ def test_unknown_preset_and_missing_spec(no_ray, tmp_path, capsys):
     assert "not found" in run_bad(capsys, ["--spec", str(tmp_path / "no.yaml"), "--out", str(tmp_path / "o")])
 
 
-def test_ctrl_c_leaves_valid_csvs_and_resume_finishes(tmp_path):
-    """A real SIGINT mid-sweep (separate process, its own local Ray), then --resume."""
+@pytest.mark.parametrize("sig, code", [
+    pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow),  # the same path as SIGTERM's
+    (signal.SIGTERM, 143),
+])
+def test_ctrl_c_and_sigterm_leave_valid_csvs_and_resume_finishes(tmp_path, sig, code):
+    """A real SIGINT / SIGTERM mid-sweep (separate process, its own local Ray), then --resume:
+    exit 128 + the signal, no stack dump, the resume command printed, nothing finished lost or
+    run again."""
     spec = write_spec(tmp_path, defenses={"standard": {"trials": 2}, "pgd_at": {"trials": 2}},
                       epochs=2, train_samples=600)
     out = tmp_path / "run"
@@ -175,12 +231,20 @@ def test_ctrl_c_leaves_valid_csvs_and_resume_finishes(tmp_path):
             break
         time.sleep(0.5)
     assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 130, err
-    assert f"--resume --out {out}" in err
+    assert proc.returncode == code, err
+    assert f"--resume --out {out}" in err and "SIGTERM received" not in err
+    assert "Traceback" not in err
     first = read_csv(out / "trials.csv")
     assert 1 <= len(first) < 4 and (first.status == "completed").all()
+    # a node that died while writing: every checkpoint of the unfinished trials cut short
+    cut = set()
+    for f in (out / "tune").rglob("checkpoint.pt"):
+        trial = f.parent.parent.name.split("_")[2]  # tune_trial_<id>_<n>_<hp>...
+        if trial not in set(first.trial_id):
+            f.write_bytes(f.read_bytes()[:64])
+            cut.add(trial)
 
     done = subprocess.run(cmd[:-2] + ["--resume", "--address", "local"], capture_output=True,
                           text=True, env=env, timeout=400)
@@ -189,6 +253,8 @@ def test_ctrl_c_leaves_valid_csvs_and_resume_finishes(tmp_path):
     assert len(final) == 4 and final.trial_id.is_unique
     assert set(first.trial_id) <= set(final.trial_id)  # nothing finished was run again
     assert (final.status == "completed").all()
+    warned = final.set_index("trial_id").warning.fillna("")
+    assert all("unreadable checkpoint" in warned[t] for t in cut)  # started over, and said so
 
 
 def test_optuna_trials_orphaned_by_a_killed_driver_are_closed(tmp_path):
