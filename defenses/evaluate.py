@@ -72,6 +72,7 @@ STANDARD = ("apgd_ce-100", "apgd_t-100", "fab_t-100", "square-5000")
 # AutoAttack standard's four attacks at budgets a CPU can afford on a whole sweep's front
 REDUCED = ("apgd_ce-50", "apgd_t-50x3", "fab_t-50x3", "square-1000")
 ADAPTIVE_FALLBACK = ("pgd-40", "pgd_cw-40")
+SQUARE_QUERIES = 1000  # a bare "square": torchattacks' budget as the library builds it
 PRESETS = ("fast", "standard", "reduced", "adaptive", "paper")
 PAPER_HOOK = "paper_attacks"
 
@@ -270,7 +271,10 @@ def _preset(name: str, defense: Defense, eps: float) -> list[AttackSpec]:
 def build_attacks(specs: Sequence[AttackSpec], defense: Defense, eps: float,
                   adaptive: bool = True) -> list[Attack]:
     """The cascade at ``eps``: presets expanded, names built against ``defense.predictor()``,
-    then (``adaptive``) the defense's own adaptive attacks; one attack per name, first kept."""
+    then (``adaptive``) the defense's own adaptive attacks; one attack per name, first kept.
+    Square (``square-N``) is the defense's ``blackbox_attack``: on a detector it attacks the
+    whole decision ("misclassified and accepted"), as the deployed pipeline is judged; on
+    its bare logits it would stop at adversarials the detector rejects."""
     predictor = defense.predictor()
     out: list[Attack] = []
 
@@ -284,6 +288,8 @@ def build_attacks(specs: Sequence[AttackSpec], defense: Defense, eps: float,
                 raise EvalConfigError(f"{PAPER_HOOK} may not name the 'paper' preset itself")
             for s in _preset(spec, defense, eps):
                 add(s, depth + 1)
+        elif parse_attack(spec)[0] == "square":
+            out.append(defense.blackbox_attack(eps, parse_attack(spec)[1] or SQUARE_QUERIES))
         else:
             out.append(make_attack(spec, predictor, eps))
 
@@ -474,6 +480,8 @@ def evaluate(defense: Defense, data: tuple[torch.Tensor, torch.Tensor], spec: Ev
         metrics = defense.evaluation_metrics(
             x[:n], y[:n], build_attacks(spec.attacks, defense, spec.eps[0], adaptive=False),
             spec.batch_size)
+    if "fpr" in metrics:  # the realized FPR is known on every evaluated clean point: use them all
+        metrics["fpr"] = results[spec.eps[0]].clean_rejected
     return Report(results, flags, evidence, time.perf_counter() - start, metrics)
 
 

@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)
     spec = load_spec_file(args.run / "spec.json")
     front = pd.read_csv(args.run / "pareto.csv", dtype={"trial_id": str})
     rows = []

@@ -32,14 +32,14 @@ def test_validation_split_is_disjoint_and_the_default_training_images_are_unchan
     from orchestrator.trial import build_setup
 
     spec = load(preset="default")
-    assert spec.validation_samples == 256 and spec.train_samples == 2000
+    assert spec.validation_samples == 1000 and spec.train_samples == 2000
     full = data.load(spec.dataset, seed=spec.seed)  # the seeded order, no split
     cpu = torch.device("cpu")
     s = build_setup(spec, "standard", {}, cpu, tmp_path)
-    # 2000 + 256 ≤ 4000: the training images are exactly the first 2000, as without a split
+    # 2000 + 1000 ≤ 4000: the training images are exactly the first 2000, as without a split
     assert torch.equal(s.data.train_x, full.train_x[:2000])
     assert torch.equal(s.data.train_y, full.train_y[:2000])
-    assert torch.equal(s.data.val_x, full.train_x[-256:]) and torch.equal(s.data.val_y, full.train_y[-256:])
+    assert torch.equal(s.data.val_x, full.train_x[-1000:]) and torch.equal(s.data.val_y, full.train_y[-1000:])
     assert not _rows(s.data.val_x) & _rows(s.data.train_x)
     assert not _rows(s.data.val_x) & _rows(full.test_x)
     # a defense with a holdout: holdout + its training images are the same first 2000
@@ -49,7 +49,7 @@ def test_validation_split_is_disjoint_and_the_default_training_images_are_unchan
 
     # without train_samples every image but the validation split trains
     whole = build_setup(spec.model_copy(update={"train_samples": None}), "standard", {}, cpu, tmp_path)
-    assert len(whole.data.train_y) == 4000 - 256
+    assert len(whole.data.train_y) == 4000 - 1000
     assert torch.equal(torch.cat([whole.data.train_x, whole.data.val_x]), full.train_x)
     none = build_setup(spec.model_copy(update={"validation_samples": 0}), "standard", {}, cpu, tmp_path)
     assert none.data.n_val == 0 and torch.equal(none.data.train_x, full.train_x[:2000])
