@@ -211,9 +211,11 @@ def test_trial_that_keeps_failing_is_retried_then_reported_failed(ray_session, t
     base = out.resolve() / "bases" / base_key(spec, cls.base_model(cls.make_params({})))
     base.mkdir(parents=True)
     (base / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    # a run whose cached base got corrupted, resumed (a fresh sweep would refuse a folder
+    # holding files it did not write)
+    (out / "spec.json").write_text(json.dumps(spec.model_dump()))
 
-    assert sweep.main(["--spec", write_spec(tmp_path / "spec.yaml", raw), "--out", str(out),
-                       "--no-dashboard"]) == 0
+    assert sweep.main(["--resume", "--out", str(out), "--no-dashboard"]) == 0
     trials = pd.read_csv(out / "trials.csv").set_index("defense")
     assert trials.loc[name, "status"] == "failed"
     assert trials.loc[name, "error"]  # the reason, not an empty cell
