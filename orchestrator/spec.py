@@ -126,6 +126,14 @@ class DefenseSpec(_Strict):
     space: dict[str, Any] | None = None
 
 
+def _check_test_split(field: str, n: int | None, dataset: str | None, otherwise: str) -> None:
+    """A count of test images above the dataset's test split is a spec error, not a silent cut."""
+    size = data_lib.TEST_SIZES.get(dataset) if dataset else None
+    if n is not None and size is not None and n > size:
+        raise ValueError(f"{field}={n} exceeds the {size} test images of {dataset}; "
+                         f"use at most {size} (or {otherwise})")
+
+
 class SweepSpec(_Strict):
     name: str = "sweep"
     dataset: str = "mnist5k"
@@ -186,21 +194,14 @@ class SweepSpec(_Strict):
     @field_validator("eval_samples", "final_samples")
     @classmethod
     def _within_test_split(cls, v: int | None, info) -> int | None:
-        dataset = info.data.get("dataset")
-        size = data_lib.TEST_SIZES.get(dataset) if dataset else None
-        if v is not None and size is not None and v > size:
-            raise ValueError(f"{info.field_name}={v} exceeds the {size} test images of {dataset}; "
-                             f"use at most {size} (or leave it out: all of them)")
+        _check_test_split(info.field_name, v, info.data.get("dataset"), "leave it out: all of them")
         return v
 
     @field_validator("threat_model")
     @classmethod
     def _curve_within_test_split(cls, v: ThreatSpec, info) -> ThreatSpec:
-        dataset = info.data.get("dataset")
-        size = data_lib.TEST_SIZES.get(dataset) if dataset else None
-        if v.curve_samples is not None and size is not None and v.curve_samples > size:
-            raise ValueError(f"threat_model.curve_samples={v.curve_samples} exceeds the {size} test "
-                             f"images of {dataset}; use at most {size} (or null: all of eval_samples)")
+        _check_test_split("threat_model.curve_samples", v.curve_samples, info.data.get("dataset"),
+                          "null: all of eval_samples")
         return v
 
     @field_validator("resources")
