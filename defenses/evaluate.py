@@ -60,6 +60,7 @@ from defenses import masking as masking_lib
 from defenses.attacks import Attack, check_images, frozen_eval
 from defenses.attacks.external import TorchAttacks, torchattacks, _num_classes
 from defenses.base import Defense, predict_labels
+from defenses.results import EvalResult
 
 log = logging.getLogger(__name__)
 
@@ -304,20 +305,6 @@ def build_attacks(specs: Sequence[AttackSpec], defense: Defense, eps: float,
 
 
 # ---------------------------------------------------------------- one ε
-
-@dataclasses.dataclass
-class EvalResult:
-    clean_acc: float
-    robust_acc: float
-    robust_attack: str               # the attacks whose worst case robust_acc is
-    acc: dict[str, float]            # robust accuracy after each attack of the cascade
-    broken_by: dict[str, int]        # points each attack broke first
-    clean_rejected: float            # fraction of clean inputs a detector rejected
-    n: int
-    seconds: float
-    eps: float = math.nan
-    robust_mask: torch.Tensor | None = None  # bool per input: survived every attack (CPU)
-
 
 def benchmark(defense: Defense, x: torch.Tensor, y: torch.Tensor, eps: float,
               attacks: Sequence[AttackSpec], batch_size: int = 256, adaptive: bool = True,

@@ -55,10 +55,10 @@ import torch.nn as nn
 from defenses.attacks import PGD, Attack, frozen_eval
 from defenses.base import predict_labels
 from defenses.attacks.pgd import cw_margin_loss
+from defenses.results import EvalResult
 
 if TYPE_CHECKING:
     from defenses.base import Defense
-    from defenses.evaluate import EvalResult
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def _significant(points: int, fraction_of_eval: float, cfg: MaskingConfig) -> bo
     return points >= cfg.min_points and fraction_of_eval >= cfg.tol
 
 
-def _cascade_extra(results: Mapping[float, "EvalResult"], kind: str) -> tuple[int, float]:
+def _cascade_extra(results: Mapping[float, EvalResult], kind: str) -> tuple[int, float]:
     """Most points an attack of ``kind`` broke after a white-box attack of the same cascade,
     over every ε: (points, fraction of that evaluation)."""
     best = (0, 0.0)
@@ -151,7 +151,7 @@ def _cascade_extra(results: Mapping[float, "EvalResult"], kind: str) -> tuple[in
 # ---------------------------------------------------------------- the checks
 
 def check(defense: "Defense", x: torch.Tensor, y: torch.Tensor,
-          results: Mapping[float, "EvalResult"], cfg: MaskingConfig = MaskingConfig(),
+          results: Mapping[float, EvalResult], cfg: MaskingConfig = MaskingConfig(),
           batch_size: int = 256) -> MaskingReport:
     """All indicators for ``defense`` given its evaluation ``results`` (per ε, primary first,
     each computed on a prefix of (x, y) with ``robust_mask`` set)."""
@@ -224,7 +224,7 @@ def _transfer_check(defense, xr, yr, eps, cfg, batch_size, cascade_names=()) -> 
     return f"transfer-pgd-{cfg.transfer_steps}", _fooled(defense, attack, xr, yr, batch_size)
 
 
-def _eps_rise(results: Mapping[float, "EvalResult"], cfg: MaskingConfig) -> tuple[bool, float]:
+def _eps_rise(results: Mapping[float, EvalResult], cfg: MaskingConfig) -> tuple[bool, float]:
     """Largest rise of robust accuracy from a smaller to a larger ε, on the points every ε
     was evaluated on."""
     ordered = sorted(results.values(), key=lambda r: r.eps)
