@@ -368,15 +368,17 @@ def space_module(defense: str):
 
 def build_space(spec: SweepSpec, defense: str) -> dict[str, Any]:
     """The Tune search space of ``defense``: search_spaces/<defense>.py unless the spec gives
-    ``space``. Every fixed value and every range end is checked against the defense first."""
+    ``space`` (both in the same plain form, made Tune domains by ``_domain``). Every fixed value
+    and every range end is checked against the defense first."""
     override = spec.defenses[defense].space
     if override is None:
-        space = dict(space_module(defense).SPACE)
+        source = space_module(defense).SPACE
     else:
         if not override:
             raise SpecError(f"spec error at defenses.{defense}.space: empty search space; give at "
                             "least one hyperparameter or drop 'space' to use the default one")
-        space = {k: _domain(defense, k, v) for k, v in override.items()}
+        source = override
+    space = {k: _domain(defense, k, v) for k, v in source.items()}
     if not space:
         raise SpecError(f"defense {defense!r}: empty search space in search_spaces/{defense}.py")
     _check_values(spec, defense, space)

@@ -1,5 +1,3 @@
-from ray import tune
-
 # λ₁ (attention transfer) and λ₂ (logit pairing) on a log grid plus 0, the point that removes
 # the term (the paper's ablation switches each term between 0 and 1). A categorical grid keeps
 # 0 reachable for Tune and Optuna alike (a log-uniform range cannot contain 0), and every value
@@ -7,8 +5,8 @@ from ray import tune
 # the teacher; random init is what the authors' released code does.
 LAMBDA_GRID = [0.0, 0.1, 0.3, 1.0, 3.0]
 SPACE = {
-    "lambda1": tune.choice(LAMBDA_GRID),
-    "lambda2": tune.choice(LAMBDA_GRID),
-    "init": tune.choice(["teacher", "random"]),
+    "lambda1": LAMBDA_GRID,
+    "lambda2": LAMBDA_GRID,
+    "init": ["teacher", "random"],
 }
 KEY_HPARAMS = ["lambda1", "lambda2", "init"]

@@ -1,4 +1,2 @@
-from ray import tune
-
-SPACE = {"lr": tune.loguniform(3e-4, 3e-3)}
+SPACE = {"lr": {"low": 3e-4, "high": 3e-3, "log": True}}
 KEY_HPARAMS = ["lr"]

@@ -316,11 +316,11 @@ def test_registered_with_its_search_space():
     assert registry.get("atat") is ATAT
     assert ATAT.base_model(ATATParams()).defense == "standard"
     for key in ("lambda1", "lambda2"):
-        grid = space.SPACE[key].categories
+        grid = space.SPACE[key]
         assert 0.0 in grid and len([v for v in grid if v > 0]) >= 3
         for v in grid:
             ATAT.make_params({key: v})
-    assert set(space.SPACE["init"].categories) == {"teacher", "random"}
+    assert set(space.SPACE["init"]) == {"teacher", "random"}
 
 
 # ------------------------------------------------------------------ end to end

@@ -96,7 +96,7 @@ def test_bad_hyperparameters_are_one_line_config_errors(hp, message):
 def test_default_search_space_values_are_valid():
     from search_spaces.saliency_detector import SPACE
 
-    for kind in SPACE["detector"].categories:
+    for kind in SPACE["detector"]:
         SaliencyDetector.make_params({"detector": kind, "train_attack": SPACE["train_attack"],
                                       "detector_lr": 1e-3})
     assert "fpr" not in SPACE  # the threshold's FPR is the spec's threat_model.fpr
