@@ -52,6 +52,28 @@ def trained_cnn(mnist):
 
 
 @pytest.fixture(scope="session")
+def cnn_first_1000(mnist):
+    """small_cnn after one epoch on the first 1,000 training images, eval mode: a classifier a
+    detector guards, leaving the other 3,000 training images unseen (validation, checks)."""
+    from defenses import data, models
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as trained_cnn: weights independent of earlier tests' threads
+    try:
+        torch.manual_seed(0)
+        model = models.build("small_cnn", 10, 1)
+        opt = torch.optim.Adam(model.parameters(), 1e-3)
+        for x, y in data.batches(mnist.train_x[:1000], mnist.train_y[:1000], 50, shuffle=True,
+                                 generator=torch.Generator().manual_seed(0)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
 def linear(mnist):
     """A linear MNIST classifier (≈85 % clean, no robustness at ε = 0.3), trained in seconds.
     Callers must not train it further (shared by the session)."""

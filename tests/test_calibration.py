@@ -134,21 +134,9 @@ def test_a_split_larger_than_the_files_hold_is_one_line():
 # --- the realized FPR on unseen clean images -------------------------------------------------
 
 @pytest.fixture(scope="module")
-def mnist():
-    return data.load("mnist5k")
-
-
-@pytest.fixture(scope="module")
-def base(mnist, tmp_path_factory):
+def base(cnn_first_1000, tmp_path_factory):
     """A classifier trained on the first 1000 training images, saved as a base checkpoint."""
-    torch.manual_seed(0)
-    model = models.build("small_cnn", 10, 1)
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    for x, y in data.batches(mnist.train_x[:1000], mnist.train_y[:1000], 50, shuffle=True,
-                             generator=torch.Generator().manual_seed(0)):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    model = cnn_first_1000
     path = tmp_path_factory.mktemp("base") / "checkpoint.pt"
     meta = {"dataset": "mnist5k", "model": "small_cnn", "defense": "standard", "num_classes": 10,
             "in_channels": 1, "seed": 0, "hp": {}}

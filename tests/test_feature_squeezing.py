@@ -47,19 +47,11 @@ def test_non_local_means_keeps_constants_and_removes_noise():
     assert torch.isfinite(grad).all()
 
 
-def test_threshold_gives_the_stated_fpr_on_held_out_clean_data(mnist, tmp_path):
+def test_threshold_gives_the_stated_fpr_on_held_out_clean_data(mnist, cnn_first_1000, tmp_path):
     """Calibrated (by setup + the first epoch, as in a trial) on the validation split, clean
     inputs the classifier never saw, checked on other unseen ones. (On the classifier's own
     training images the scores run lower, see docs/detectors.md.)"""
-    torch.manual_seed(0)
-    model = models.build("small_cnn", 10, 1)
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    for x, y in data.batches(mnist.train_x[:1000], mnist.train_y[:1000], 50, shuffle=True,
-                             generator=torch.Generator().manual_seed(0)):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    model.eval()
+    model = cnn_first_1000
     path = tmp_path / "checkpoint.pt"
     torch.save({"model": model.state_dict(), "meta": {
         "dataset": "mnist5k", "model": "small_cnn", "num_classes": 10, "in_channels": 1}}, path)
