@@ -7,8 +7,8 @@ Two entry points, one library:
   ε. ``attacks`` mixes attack names (``defenses.attacks`` plus AutoAttack's components below),
   preset names and built ``Attack`` objects. With ``adaptive`` the defense's own
   ``adaptive_attacks(eps)`` are appended.
-- ``evaluate(defense, (x, y), spec) -> Report``: the issue's ``benchmark(defense, model, data,
-  threat_model)``. The model is the defense's own (a defense owns its model, and attacks must
+- ``evaluate(defense, (x, y), spec) -> Report``: RobustBench's ``benchmark(model, data,
+  threat_model)`` for a defense. The model is the defense's own (a defense owns its model, and attacks must
   see ``defense.predictor()``, not a bare network), so it is not a separate argument; ``spec``
   (``EvalSpec``) is the threat model as the evaluation sees it: the ε list (primary first),
   attacks/presets, norm and the gradient-masking checks. It runs ``benchmark`` once per ε
@@ -85,7 +85,8 @@ NORMS = ("Linf", "L2")  # threat models a user may name
 # even the L2 attacks (C&W, DeepFool) only count within an L∞ ε. No attack supports L2.
 SUPPORTED_NORMS = ("Linf",)
 
-# Robustness-curve ε (the defaults) and the "large ε" of the unbounded-attack check.
+# Robustness-curve ε (the field's standard radius, MNIST 0.3 and CIFAR 8/255, and two smaller)
+# and the "large ε" of the unbounded-attack check.
 DEFAULT_EVAL_EPS = {"mnist5k": (0.1, 0.2, 0.3),
                     "cifar10": (2 / 255, 4 / 255, 8 / 255),
                     "cifar100": (2 / 255, 4 / 255, 8 / 255)}

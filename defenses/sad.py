@@ -15,7 +15,7 @@ Inference: ŷ = argmax Φ¹(clip(x̂ + η·S¹(x̂), 0, 1)) with S¹ = ∂Φ¹_m
 
 Choices the paper leaves open (documented in docs/sad.md):
 - Algorithm 1 writes the inference input as x̂ + S¹(x̂) without η; Section 4.5 and Table 5
-  vary the ratio at test time, so η is used at both stages (the issue's reading).
+  vary the ratio at test time, so η is used at both stages.
 - Both processed images are clipped to [0,1] (the paper does not say): the model only ever
   sees valid images, and training-time and test-time inputs get the same treatment.
 - BN statistics: by default they are reset and re-estimated by cumulative averaging

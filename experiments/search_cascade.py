@@ -41,6 +41,9 @@ CANDIDATES = {
     "fgsm+apgd_ce-20+apgd_t-10x3": ["fgsm", "apgd_ce-20", "apgd_t-10x3"],
     "fgsm+apgd_ce-20+apgd_t-10x2": ["fgsm", "apgd_ce-20", "apgd_t-10x2"],
     "apgd_ce-50+apgd_t-50x3": ["apgd_ce-50", "apgd_t-50x3"],
+    "fgsm+apgd_ce-30+apgd_t-30x3": ["fgsm", "apgd_ce-30", "apgd_t-30x3"],
+    "fgsm+apgd_ce-50+apgd_t-50x3": ["fgsm", "apgd_ce-50", "apgd_t-50x3"],
+    "fgsm+apgd_ce-50+apgd_t-50x1": ["fgsm", "apgd_ce-50", "apgd_t-50x1"],
     "reduced (AutoAttack's four at CPU budgets)": ["reduced"],
     "apgd_ce-50+apgd_t-50x9": ["apgd_ce-50", "apgd_t-50x9"],
 }

@@ -1,4 +1,4 @@
-"""Grad-CAM inconsistency detector (Ye et al.): behaviour the issue lists."""
+"""Grad-CAM inconsistency detector (Ye et al.): θ, enhancements, calibration, setup and a real trial."""
 
 import pytest
 import torch
