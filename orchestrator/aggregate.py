@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from orchestrator.cli import EXIT_EXPORT_FAILED, BadInput, OneLineParser, complain
 from orchestrator.outdir import overwrite_problem, write_failure
 from orchestrator.records import COMPLETED, IDENTITY_COLUMNS, load_records
 
@@ -388,20 +389,11 @@ def _signed_distance_to_chord(norm: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- CLI
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports bad usage as one line (exit 2), like every other input error."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        _complain(f"{message} (see --help)")
-        raise SystemExit(2)
-
-
-def _complain(message: str) -> None:
-    print(f"aggregate: error: {message}", file=sys.stderr)
+PROG = "aggregate"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="python -m orchestrator.aggregate",
+    p = OneLineParser(prog="python -m orchestrator.aggregate",
                        description="Merge sweep runs and write trials.csv, pareto.csv, "
                                    "pareto_by_eps.csv (when trials have a robustness curve) and "
                                    "pareto.png.")
@@ -440,11 +432,13 @@ def _input_problem(run_dirs: list[Path], out: Path | None, force: bool = False) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except BadInput as e:
+        return complain(PROG, str(e))
     problem = _input_problem(args.run_dirs, args.out, args.force)
     if problem:
-        _complain(problem)
-        return 2
+        return complain(PROG, problem)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from orchestrator.export import export_all  # export builds on this module: import late
     out = args.out or args.run_dirs[0]
@@ -452,8 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         paths = export_all(df, out, exclude_flagged=args.exclude_flagged)
     except OSError as e:  # disk full, read-only folder: what was there stays as it was
-        _complain(write_failure(out, e))
-        return 1
+        complain(PROG, write_failure(out, e))
+        return EXIT_EXPORT_FAILED
     front = pareto_front(df, exclude_flagged=args.exclude_flagged)
     print(f"{len(df)} trials ({int((df['status'] == COMPLETED).sum())} completed), "
           f"{len(front)} on the Pareto front, hypervolume {hypervolume(front):.4f}")

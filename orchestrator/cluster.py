@@ -14,10 +14,9 @@ from typing import Any
 
 import yaml
 
-EXIT_BAD_INPUT = 2
+from orchestrator.cli import BadInput, complain
 
-
-class ClusterConfigError(ValueError):
+class ClusterConfigError(BadInput, ValueError):
     """What is wrong with a cluster config, in one line."""
 
 
@@ -102,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             config = load_cluster_config(f)
         except ClusterConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+            return complain("cluster", str(e))
         print(f"ok: {f} ({config['provider']['type']} provider, node types: "
               f"{', '.join(config['available_node_types'])})")
     return 0

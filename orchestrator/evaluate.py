@@ -38,6 +38,7 @@ from defenses import evaluate as eval_lib
 from defenses import registry
 from defenses.base import DefenseConfigError
 from defenses.data import DatasetError, as_float
+from orchestrator.cli import BadInput, OneLineParser, complain
 from orchestrator.aggregate import fronts_by_eps, front_layers, merge_runs, reaches_front
 from orchestrator.outdir import overwrite_problem
 from orchestrator.records import TrialRecord, load_records, save_record, write_json_atomic
@@ -45,11 +46,10 @@ from orchestrator.spec import SpecError, SweepSpec, parse
 from orchestrator.trial import CHECKPOINT_FILE, TrialSetup, build_setup, load_checkpoint, saved_broken
 
 log = logging.getLogger("orchestrator.evaluate")
-EXIT_BAD_INPUT = 2
 SPEC_FILE = "spec.json"
 
 
-class EvaluateError(Exception):
+class EvaluateError(BadInput):
     """Bad input: one line, exit code 2."""
 
 
@@ -300,13 +300,8 @@ def _run_all(todo: list[TrialRecord], spec: SweepSpec, run_dir: Path, attacks: l
 
 # ---------------------------------------------------------------- CLI
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise EvaluateError(f"{message} (see --help)")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="python -m orchestrator.evaluate",
+    p = OneLineParser(prog="python -m orchestrator.evaluate",
                        description="Evaluate a trial checkpoint: one attack cascade per ε, then the "
                                    "gradient-masking checks.")
     p.add_argument("checkpoint", type=Path, help=f"a trial's {CHECKPOINT_FILE} or its folder")
@@ -403,9 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     torch.device(args.device) if args.device else None, args.dataset, args.model)
         espec = eval_spec(s, attacks, eps, args.masking_samples, norm=args.norm,
                           adaptive=not args.no_adaptive)
-    except (EvaluateError, eval_lib.EvalConfigError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except (BadInput, eval_lib.EvalConfigError) as e:
+        return complain("evaluate", str(e))
     report = eval_lib.evaluate(s.defense, eval_data(s, args.samples), espec)
     print_report(report, s)
     if args.json is not None:

@@ -16,11 +16,12 @@ from defenses import evaluate as eval_lib
 from defenses import models as model_lib
 from defenses import registry
 from defenses.base import DefenseConfigError, ThreatModel
+from orchestrator.cli import BadInput
 
 TRAIN_KEYS = ("lr", "weight_decay")  # hyperparameters of the optimizer, not of the defense
 
 
-class SpecError(ValueError):
+class SpecError(BadInput, ValueError):
     """One line saying what is wrong with the sweep and how to fix it (exit code 2)."""
 
 

@@ -33,13 +33,13 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 
 from defenses import data as data_lib  # noqa: E402
 from orchestrator import outdir  # noqa: E402
-from orchestrator.spec import SpecError, SweepSpec, build_space, load, space_module  # noqa: E402
+from orchestrator.cli import EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, EXIT_INTERRUPTED, BadInput  # noqa: E402
+from orchestrator.spec import SweepSpec, build_space, load, space_module  # noqa: E402
 
 log = logging.getLogger("orchestrator.sweep")
-EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_EXPORT_FAILED = 2, 130, 1
 
 
-class InputError(Exception):
+class InputError(BadInput):
     """Bad input found before any expensive work: one line, exit code 2."""
 
 
@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             check_reachable(address)
         else:
             check_resources(spec, float(os.cpu_count() or 1), float(local_gpus()), "this machine")
-    except (SpecError, InputError, data_lib.DatasetError, outdir.LockHeld) as e:
+    except (BadInput, data_lib.DatasetError, outdir.LockHeld) as e:
         if lock is not None:
             lock.release()
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,32 @@
+"""What every command of the orchestrator shares: exit codes, the bad-input exception, and an
+argparse whose usage errors are one line like every other input error.
+
+Exit codes: 0 done; 1 results could not be written (a full disk); 2 bad input, said in one line
+before anything expensive runs; 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129
+SIGHUP), with everything finished kept and the resume command printed."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_EXPORT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class BadInput(Exception):
+    """One line saying what is wrong and how to fix it; the command exits with EXIT_BAD_INPUT."""
+
+
+def complain(prog: str, message: str) -> int:
+    """Print ``prog: error: message`` on stderr; returns EXIT_BAD_INPUT for ``return``."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that raises ``BadInput`` (one line, "see --help") instead of printing usage:
+    the command reports it as it reports any other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise BadInput(f"{message} (see --help)")
