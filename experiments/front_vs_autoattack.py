@@ -7,7 +7,7 @@ evaluation used, judge its adversarials with the defense's ``predict`` (a detect
 counts as defended), and print the front's ``robust_acc`` next to it.
 
     python experiments/front_vs_autoattack.py RUN [--components apgd-ce,apgd-t] [--samples N]
-                                              [--json OUT]
+                                              [--json OUT] [--trials ID,ID]
 
 ``--components standard`` runs all four of AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square)
 at its own budgets; FAB-T alone takes many minutes per model on one CPU core, so the default is
@@ -54,11 +54,17 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=None,
                    help="test images (default: the run's final_samples, else all)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--trials", default=None,
+                   help="comma-separated trial ids of RUN/trials.csv instead of pareto.csv's members")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
     spec = load_spec_file(args.run / "spec.json")
-    front = pd.read_csv(args.run / "pareto.csv", dtype={"trial_id": str})
+    if args.trials:
+        rows_of = pd.read_csv(args.run / "trials.csv", dtype={"trial_id": str})
+        front = rows_of[rows_of.trial_id.isin(args.trials.split(","))]
+    else:
+        front = pd.read_csv(args.run / "pareto.csv", dtype={"trial_id": str})
     rows = []
     for _, r in front.iterrows():
         s = restore(local_checkpoint(r.checkpoint), spec, args.run, torch.device("cpu"))
