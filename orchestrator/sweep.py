@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     # Run as a script (also under `ray submit`): import the installed package, and never
@@ -325,7 +326,7 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
                 else {"cpu": 0, "memory": 1})
             tuner = _tuner(tune, trainable, spec, defense, out, resume, [writer, board], make_searcher,
                            storage, concurrent_trials(spec, cap["cpus"], cap["gpus"]))
-            tuner.fit()
+            fit_restoring_sigint(tuner.fit)
             # Ground truth for "did this defense finish": every trial leaves a final record
             # (completed or failed). Fewer records than trials means Tune was interrupted.
             from orchestrator.records import load_records
@@ -358,6 +359,19 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
         print_front(out / "pareto.csv")
     print(f"done: {out / 'pareto.csv'} ({out / 'trials.csv'}, {out / 'pareto.png'})")
     return 0
+
+
+def fit_restoring_sigint(fit) -> Any:
+    """``fit()`` with the process's SIGINT handler given back after it. Tune (2.60,
+    ``tune.tune._setup_signal_catching``) installs its own handler for a run and restores the
+    old one only when a signal arrives: after a finished fit, the next Ctrl-C (or SIGTERM,
+    which becomes one) would only set the finished run's stop event, and a final evaluation
+    would go on running."""
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        return fit()
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def stop_on_signals() -> dict[str, int]:

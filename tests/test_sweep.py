@@ -314,3 +314,19 @@ def test_each_defense_study_draws_its_own_points(tmp_path):
     assert first_draw("pgd_at", tmp_path) != first_draw("trades", tmp_path)
     (tmp_path / "again").mkdir()
     assert first_draw("pgd_at", tmp_path) == first_draw("pgd_at", tmp_path / "again")
+
+
+def test_ctrl_c_after_a_tune_fit_reaches_the_sweep():
+    """Tune leaves its SIGINT handler installed after a finished run: the final evaluation
+    after the fits must still stop on the first Ctrl-C / SIGTERM (as KeyboardInterrupt)."""
+    import signal
+
+    from ray.tune.tune import _setup_signal_catching  # what Tuner.fit installs (Ray 2.60)
+
+    from orchestrator.sweep import fit_restoring_sigint
+
+    before = signal.getsignal(signal.SIGINT)
+    fit_restoring_sigint(_setup_signal_catching)
+    assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
