@@ -294,8 +294,11 @@ def _run_all(todo: list[TrialRecord], spec: SweepSpec, run_dir: Path, attacks: l
     task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial, max_retries=1)(reevaluate)
     pending = [task.remote(rec.to_dict(), *args) for rec in todo]
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        yield TrialRecord.from_dict(ray.get(ready[0]))
+        # a timeout brings the main thread back to Python every second, where a Ctrl-C (or a
+        # SIGTERM turned into one) is raised; a wait without one blocks until a task ends
+        ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+        if ready:
+            yield TrialRecord.from_dict(ray.get(ready[0]))
 
 
 # ---------------------------------------------------------------- CLI
