@@ -43,7 +43,8 @@ from orchestrator.aggregate import fronts_by_eps, front_layers, merge_runs, reac
 from orchestrator.outdir import overwrite_problem
 from orchestrator.records import TrialRecord, load_records, save_record, write_json_atomic
 from orchestrator.spec import SpecError, SweepSpec, parse
-from orchestrator.trial import CHECKPOINT_FILE, TrialSetup, build_setup, load_checkpoint, saved_broken
+from orchestrator.trial import (CHECKPOINT_FILE, TrialSetup, all_test_images, build_setup,
+                               load_checkpoint, saved_broken)
 
 log = logging.getLogger("orchestrator.evaluate")
 SPEC_FILE = "spec.json"
@@ -244,7 +245,7 @@ def reevaluate(record: dict[str, Any], spec: dict[str, Any], run_dir: str,
         return rec.to_dict()
     known = saved_broken(checkpoint_file(local_checkpoint(rec.checkpoint)))
     report = eval_lib.evaluate(s.defense, eval_data(s, sweep.final_samples or len(s.data.test_y)),
-                               eval_spec(s, attacks), known)
+                               eval_spec(s, attacks), known, fpr_images=all_test_images(s))
     apply_report(rec, report, report.primary.robust_attack)
     return rec.to_dict()
 
@@ -388,6 +389,9 @@ def print_report(report: eval_lib.Report, s: TrialSetup) -> None:
         print("gradient-masking flags: " + (", ".join(raised) if raised else "none raised"))
         print("  " + ", ".join(f"{k.removeprefix('masking.')}={v:.4g}"
                                for k, v in report.evidence.items() if not math.isnan(v)))
+    if "fpr" in report.metrics:
+        print(f"detector: rejects {100 * report.metrics['fpr']:.1f} % of "
+              f"{report.metrics['n_fpr']} clean test images (realized FPR)")
     print(f"{report.seconds:.1f} s")
 
 
@@ -403,7 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           adaptive=not args.no_adaptive)
     except (BadInput, eval_lib.EvalConfigError) as e:
         return complain("evaluate", str(e))
-    report = eval_lib.evaluate(s.defense, eval_data(s, args.samples), espec)
+    report = eval_lib.evaluate(s.defense, eval_data(s, args.samples), espec,
+                               fpr_images=all_test_images(s))
     print_report(report, s)
     if args.json is not None:
         meta = {"checkpoint": str(args.checkpoint), "defense": s.defense_name, "hp": s.hp,

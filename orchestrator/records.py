@@ -76,6 +76,9 @@ class TrialRecord:
         self.metrics = {**{k: v for k, v in self.metrics.items() if not k.startswith("masking.")},
                         "clean_rejected": result.clean_rejected, **report.evidence, **report.metrics,
                         **(metrics or {})}
+        if "fpr" in self.metrics and "n_fpr" in self.metrics:
+            lo, hi = accuracy_interval(self.metrics["fpr"], self.metrics["n_fpr"])
+            self.metrics.update(fpr_ci_low=lo, fpr_ci_high=hi)
         self.flags = {**{k: v for k, v in self.flags.items() if k not in report.flags}, **report.flags}
         self.curve = report.curve_columns()
 

@@ -366,7 +366,12 @@ def _evaluate(s: TrialSetup):
     spec = EvalSpec.for_dataset(s.spec.dataset, t.eps, t.eval_eps, t.masking_samples,
                                 attacks=tuple(t.attacks), curve_samples=t.curve_samples,
                                 batch_size=max(s.spec.batch_size, 256), seed=s.spec.seed)
-    return evaluate(s.defense, (x, y), spec)
+    return evaluate(s.defense, (x, y), spec, fpr_images=all_test_images(s))
+
+
+def all_test_images(s: TrialSetup) -> torch.Tensor:
+    """The whole test split: a detector's realized FPR is measured on it (one clean pass)."""
+    return data_lib.as_float(s.data.test_x, s.device)
 
 
 def final_metrics(record: TrialRecord, planned_epochs: int, start_epoch: int = 0) -> dict[str, Any]:

@@ -224,3 +224,26 @@ def test_detector_metrics_columns(mnist, base):
     assert none_right["n_fooled.fgsm"] == 0 and math.isnan(none_right["detection.fgsm"])
     with pytest.raises(TypeError, match="not a detector"):
         detector_metrics(torch.nn.Identity(), x, y, [fgsm])
+
+
+def test_the_realized_fpr_is_measured_on_every_test_image_given(mnist, base):
+    """A trial attacks 300 points but its FPR comes from the whole test split: at 5 %, 300
+    images leave a ±2.5-point interval, wider than the ±2 points the FPR is held to."""
+    from defenses.evaluate import EvalSpec, evaluate
+    from orchestrator.records import TrialRecord
+    from orchestrator.stats import wilson_interval
+
+    d = _built(FeatureSqueezing, {}, 0.05, _with_validation(mnist), base)
+    x, y = mnist.test_x[:40], mnist.test_y[:40]
+    spec = EvalSpec(eps=(EPS,), attacks=("fgsm",), masking=None)
+    report = evaluate(d, (x, y), spec, fpr_images=mnist.test_x)
+    with torch.no_grad():
+        rejected = torch.cat([d.predict(mnist.test_x[i:i + 250]).rejected for i in range(0, 1000, 250)])
+    assert report.metrics["n_fpr"] == 1000
+    assert report.metrics["fpr"] == pytest.approx(rejected.float().mean().item())
+    assert evaluate(d, (x, y), spec).metrics["n_fpr"] == 40  # default: the evaluated points
+    rec = TrialRecord("t", "feature_squeezing", "mnist5k", "small_cnn", 0)
+    rec.set_evaluation(report)
+    k = round(report.metrics["fpr"] * 1000)
+    assert rec.metrics["fpr_ci_low"] < report.metrics["fpr"] < rec.metrics["fpr_ci_high"]
+    assert (rec.metrics["fpr_ci_low"], rec.metrics["fpr_ci_high"]) == pytest.approx(wilson_interval(k, 1000))
