@@ -1,11 +1,13 @@
 """Realized test FPR of detectors against their target (threat_model.fpr).
 
     python experiments/detector_fpr.py RUN [--preset default] [--validation-samples N]
+    python experiments/detector_fpr.py RUN --checkpoints
 
 For every detector trial of ``RUN`` (its defense and hyperparameters, from ``RUN/records``),
 train it again as the sweep does under the preset's spec (optionally with another
-``validation_samples``), then count the clean test images it rejects: every test image of the
-dataset, with the 95 % Wilson interval. Prints one line per trial.
+``validation_samples``), or with ``--checkpoints`` restore the trial's own checkpoint (base
+models from the run, as the final evaluation does), then count the clean test images it
+rejects: every test image of the dataset, with the 95 % Wilson interval. One line per trial.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch  # noqa: E402
 from defenses import data as data_lib  # noqa: E402
 from defenses.attacks import frozen_eval  # noqa: E402
 from defenses.base import predict_labels  # noqa: E402
+from orchestrator.evaluate import load_spec_file, local_checkpoint, restore  # noqa: E402
 from orchestrator.records import load_records  # noqa: E402
 from orchestrator.spec import load, parse  # noqa: E402
 from orchestrator.stats import wilson_interval  # noqa: E402
@@ -32,6 +35,8 @@ def main() -> None:
     p.add_argument("run", type=Path)
     p.add_argument("--preset", default="default")
     p.add_argument("--validation-samples", type=int, default=None)
+    p.add_argument("--checkpoints", action="store_true",
+                   help="measure the run's own trials (their checkpoints) instead of retraining")
     args = p.parse_args()
     torch.set_num_threads(2)
     raw = load(preset=args.preset).model_dump()
@@ -42,9 +47,13 @@ def main() -> None:
     for rec in sorted(load_records(args.run), key=lambda r: (r.defense, r.trial_id)):
         if "fpr" not in rec.metrics:
             continue
-        s = build_setup(spec, rec.defense, rec.hp, torch.device("cpu"), work)
-        train(s, spec.epochs)
-        x, y = data_lib.as_float(s.data.test_x), s.data.test_y
+        if args.checkpoints:
+            spec = load_spec_file(args.run / "spec.json")
+            s = restore(local_checkpoint(rec.checkpoint), spec, args.run, torch.device("cpu"))
+        else:
+            s = build_setup(spec, rec.defense, rec.hp, torch.device("cpu"), work)
+            train(s, spec.epochs)
+        x = data_lib.as_float(s.data.test_x)
         with frozen_eval(s.defense.model):
             _, rejected = predict_labels(s.defense, x, 500)
         k, n = int(rejected.sum()), len(rejected)

@@ -54,11 +54,12 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=None,
                    help="test images (default: the run's final_samples, else all)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--trials", default=None,
                    help="comma-separated trial ids of RUN/trials.csv instead of pareto.csv's members")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     spec = load_spec_file(args.run / "spec.json")
     if args.trials:
         rows_of = pd.read_csv(args.run / "trials.csv", dtype={"trial_id": str})
