@@ -119,7 +119,7 @@ def apgd_table(cfg: dict) -> str:
 def defense_steps(cfg: dict) -> str:
     """Seconds of one training step (one batch through ``train_epoch``) of each defense."""
     from orchestrator.spec import parse
-    from orchestrator.trial import build_setup
+    from orchestrator.training import build_setup
 
     spec = parse({"dataset": "mnist5k", "model": "small_cnn", "epochs": 1,
                   "train_samples": cfg["batch"] * 2, "batch_size": cfg["batch"],

@@ -25,7 +25,6 @@ import abc
 import dataclasses
 import logging
 import math
-import re
 from pathlib import Path
 from typing import Mapping, Protocol, Sequence
 
@@ -307,10 +306,6 @@ class GuardDetector(Defense):
     together, so the attacks and ``predict`` see the same decision."""
 
     holdout_size = 200        # training images kept out of calibration: held-out checks
-    # attack kinds (and evaluation presets) whose steps set the detector-aware attacks' budget
-    ITERATIVE = ("pgd", "pgd_cw", "mim", "cw", "apgd_ce", "apgd_dlr", "apgd_t", "fab_t")
-    PRESET_BUDGETS = {"fast": 20, "standard": 100}
-    DEFAULT_BUDGET = 20
     # runs of each gradient detector-aware attack (the first from the clean image, the others
     # from random starts, only on the points still unbroken)
     ADAPTIVE_RESTARTS = 2
@@ -409,15 +404,7 @@ class GuardDetector(Defense):
     def adaptive_budget(self) -> int:
         """Steps of the detector-aware attacks: those of the strongest iterative attack of the
         threat model (pgd-20 -> 20), so asking for stronger attacks strengthens them too."""
-        budgets = []
-        for name in self.threat.attacks:
-            name = str(name).strip().lower()
-            m = re.fullmatch(r"([a-z_]+)(?:-(\d+))?(?:x\d+)?", name)
-            if name in self.PRESET_BUDGETS:
-                budgets.append(self.PRESET_BUDGETS[name])
-            elif m and m.group(1) in self.ITERATIVE:
-                budgets.append(int(m.group(2)) if m.group(2) else self.DEFAULT_BUDGET)
-        return max(budgets, default=self.DEFAULT_BUDGET)
+        return attack_lib.strongest_steps(self.threat.attacks)
 
     def full_strength(self, eps: float) -> bool:
         """Whether ``eps`` is the threat model's ε, the one of the trial's robust accuracy and of

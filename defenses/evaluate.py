@@ -50,7 +50,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
 import time
 from fractions import Fraction
 from typing import Any, Callable, Sequence, Union
@@ -60,8 +59,6 @@ import torch
 from defenses import attacks as attack_lib
 from defenses import masking as masking_lib
 from defenses.attacks import Attack, check_images, frozen_eval
-from defenses.attacks.apgd import APGD
-from defenses.attacks.external import TorchAttacks, torchattacks, _num_classes
 from defenses.base import Defense, predict_labels
 from defenses.results import EvalResult
 
@@ -69,12 +66,7 @@ log = logging.getLogger(__name__)
 
 AttackSpec = Union[str, Attack]
 
-# APGD's step size adapts, so short, rough-surfaced trials are attacked as well as converged
-# ones; targeted DLR finds most of what CE leaves (docs/evaluation.md, search-time cascade)
-FAST = ("fgsm", "apgd_ce-20", "apgd_t-20x3")
-STANDARD = ("apgd_ce-100", "apgd_t-100", "fab_t-100", "square-5000")
-# AutoAttack standard's four attacks at budgets a CPU can afford on a whole sweep's front
-REDUCED = ("apgd_ce-50", "apgd_t-50x3", "fab_t-50x3", "square-1000")
+FAST, STANDARD, REDUCED = (attack_lib.PRESET_ATTACKS[p] for p in ("fast", "standard", "reduced"))
 ADAPTIVE_FALLBACK = ("pgd-40", "pgd_cw-40")
 SQUARE_QUERIES = 1000  # a bare "square": torchattacks' budget as the library builds it
 PRESETS = ("fast", "standard", "reduced", "adaptive", "paper")
@@ -97,69 +89,22 @@ class EvalConfigError(ValueError):
     """An attack, preset, ε or threat model the evaluation cannot run; one line saying why."""
 
 
-# ---------------------------------------------------------------- AutoAttack's components
-
-def _aa_targets(model: Callable, targets: int | None) -> int:
-    # torchattacks attacks the top ``n_classes - 1`` other classes; AutoAttack uses all 9
-    return targets if targets is not None else _num_classes(model) - 1
-
-
-def _apgd(loss: str):
-    def factory(model, eps, n=None, targets=None):
-        return APGD(model, eps, steps=n or 100, loss=loss)
-    return factory
-
-
-def _apgd_t(model, eps, n=None, targets=None):
-    steps = n or 100
-    name = f"apgd_t-{steps}" + (f"x{targets}" if targets is not None else "")
-    return APGD(model, eps, steps=steps, loss="dlr", targets=_aa_targets(model, targets), name=name)
-
-
-def _fab_t(model, eps, n=None, targets=None):
-    steps, k = n or 100, _aa_targets(model, targets)
-    name = f"fab_t-{steps}" + (f"x{targets}" if targets is not None else "")
-    return TorchAttacks(model, eps, name,
-                        lambda m, e: torchattacks.FAB(m, norm="Linf", eps=e, steps=steps,
-                                                      n_restarts=1, multi_targeted=True,
-                                                      n_classes=k + 1, seed=0))
-
-
-AUTOATTACK_FACTORIES: dict[str, Callable[..., Attack]] = {
-    "apgd_ce": _apgd("ce"), "apgd_dlr": _apgd("dlr"), "apgd_t": _apgd_t, "fab_t": _fab_t}
-TARGETED = ("apgd_t", "fab_t")  # the kinds that take an ``xK`` target count
-
-
 # ---------------------------------------------------------------- names, presets, ε
 
-def attack_kinds() -> list[str]:
-    return attack_lib.names() + list(AUTOATTACK_FACTORIES)
-
-
 def _valid_list() -> str:
-    return (f"valid attacks: {', '.join(attack_kinds())} (optionally with a budget, e.g. pgd-40, "
-            f"apgd_t-50x3); valid presets: {', '.join(PRESETS)}")
+    return (f"valid attacks: {', '.join(attack_lib.names())} (optionally with a budget, e.g. "
+            f"pgd-40, apgd_t-50x3); valid presets: {', '.join(PRESETS)}")
 
 
 def parse_attack(name: str) -> tuple[str, int | None, int | None]:
-    """``"apgd_t-50x3"`` -> ``("apgd_t", 50, 3)``; presets are not attacks (see ``check_attacks``)."""
-    m = re.fullmatch(r"([a-z_]+)(?:-(\d+)(?:x(\d+))?)?", str(name).strip().lower())
-    if m and m.group(1) in AUTOATTACK_FACTORIES:
-        n = int(m.group(2)) if m.group(2) else None
-        k = int(m.group(3)) if m.group(3) else None
-        if (n is not None and n <= 0) or (k is not None and k <= 0):
-            raise EvalConfigError(f"attack {name!r}: steps and target counts must be positive")
-        if k is not None and m.group(1) not in TARGETED:
-            raise EvalConfigError(f"attack {name!r}: only {', '.join(TARGETED)} take a target count")
-        return m.group(1), n, k
-    if m and m.group(3) is None:
-        try:
-            kind, n = attack_lib.parse(name)
-            return kind, n, None
-        except attack_lib.AttackNameError as e:
-            if "budget" in str(e) and m.group(1) in attack_lib.names():
-                raise EvalConfigError(str(e)) from None
-    raise EvalConfigError(f"unknown attack or preset {name!r}; {_valid_list()}")
+    """``attack_lib.parse`` as an EvalConfigError whose message lists the presets too
+    (presets are not attacks: see ``check_attacks``)."""
+    try:
+        return attack_lib.parse(name)
+    except attack_lib.AttackNameError as e:
+        if str(e).startswith("unknown attack"):
+            raise EvalConfigError(f"unknown attack or preset {name!r}; {_valid_list()}") from None
+        raise EvalConfigError(str(e)) from None
 
 
 def check_attacks(names: Sequence[AttackSpec], norm: str = "Linf") -> None:
@@ -218,9 +163,7 @@ def large_eps(dataset: str, eps: Sequence[float]) -> float:
 # ---------------------------------------------------------------- building attacks
 
 def make_attack(name: str, model: Callable, eps: float) -> Attack:
-    kind, n, k = parse_attack(name)
-    if kind in AUTOATTACK_FACTORIES:
-        return AUTOATTACK_FACTORIES[kind](model, eps, n, k)
+    parse_attack(name)  # an unknown name as an EvalConfigError
     return attack_lib.make(name, model, eps)
 
 

@@ -40,7 +40,6 @@ import itertools
 import logging
 import math
 import numbers
-import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -49,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from defenses import models as model_lib
-from defenses.attacks import PGD, Attack, frozen_eval, make
+from defenses.attacks import PGD, Attack, frozen_eval, make, strongest_steps
 from defenses.attacks.adaptive import BPDA, EOTPGD, gaussian_noise, transfer_pgd
 from defenses.attacks.external import TorchAttacks, torchattacks
 from defenses.base import BaseModelRequest, Defense, DefenseConfigError, Prediction
@@ -59,8 +58,6 @@ log = logging.getLogger(__name__)
 BASES = ("standard", "trades")
 NORMALIZATIONS = ("none", "linf", "rms")
 VARIANTS = ("full", "no_bn", "bn_adv")
-DEFAULT_STEPS = 20        # adaptive PGD steps when the threat model names no iterative attack
-ITERATIVE = ("pgd", "pgd_cw", "mim", "apgd_ce", "apgd_dlr", "apgd_t", "fab_t")
 SQUARE_PER_STEP = 5       # Square queries per adaptive PGD step (pgd-20 -> square-100)
 EOT_SIGMA = 1 / 3         # σ of the EOT-PGD noise, as a fraction of ε (MNIST 0.3 -> 0.1)
 EOT_ADAPTIVE_SAMPLES = 4  # noise samples per step of the adaptive EOT-PGD (K steps × 4 gradients)
@@ -344,9 +341,7 @@ class SAD(Defense):
     def adaptive_steps(self) -> int:
         """Steps of the adaptive PGD attacks: those of the strongest iterative attack of the
         threat model (pgd-20 -> 20), so asking for stronger attacks strengthens them too."""
-        steps = [int(m.group(2)) for name in self.threat.attacks
-                 if (m := re.fullmatch(r"([a-z_]+)-(\d+)(?:x\d+)?", str(name))) and m.group(1) in ITERATIVE]
-        return max(steps, default=DEFAULT_STEPS)
+        return strongest_steps(self.threat.attacks)
 
     def adaptive_attacks(self, eps: float) -> list[Attack]:
         """Cheapest first, so the costly ones only see what survives: transfer PGD-K from Φ⁰;

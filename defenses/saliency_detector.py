@@ -48,13 +48,8 @@ new defense")."""
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import hashlib
-import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -63,6 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from defenses import attacks as attack_lib
+from defenses import cache
 from defenses.attacks import Attack, frozen_eval
 from defenses.attacks.adaptive import smooth_relu, straight_through
 from defenses.attacks.detector_aware import OrthogonalPGD
@@ -405,42 +401,6 @@ class _SmoothJacobianJoint(nn.Module):
         return logits, det.net(torch.cat([x, channel], 1)) - det.threshold
 
 
-# --- caching next to the base checkpoint ---------------------------------------------------
-
-def fingerprint(model: nn.Module) -> str:
-    """SHA-256 (16 hex) of a model's parameters and buffers: which classifier a detector,
-    a masking model or a cached adversarial set belongs to."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def tensor_digest(x: torch.Tensor) -> str:
-    return hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
-def cached(path: Path, build: Callable[[], dict[str, Any]], device: torch.device) -> dict[str, Any]:
-    """Load ``path`` or build and write it atomically; concurrent trials wait on a file lock
-    instead of building it twice."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if path.is_file():
-            return torch.load(path, map_location=device, weights_only=True)
-        state = build()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        return state
-
-
-def _key(**parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 # --- the defense ---------------------------------------------------------------------------
 
 class SaliencyDetector(GuardDetector):
@@ -528,7 +488,7 @@ class SaliencyDetector(GuardDetector):
         base_meta = load_guarded_classifier(self.model, base_checkpoint, data, self.name)
         self.model.requires_grad_(False)
         device = next(self.model.parameters()).device
-        self.classifier_id = fingerprint(self.model)
+        self.classifier_id = cache.model_digest(self.model)
         self.meta = {"dataset": data.name, "model": base_meta["model"], "fingerprint": self.classifier_id}
         # the threshold's clean images: the validation split, which neither the classifier nor
         # this detector trains on; the detector trains on every training image
@@ -555,7 +515,7 @@ class SaliencyDetector(GuardDetector):
         p, device = self.params, self.train_x.device
         n = min(MASK_TRAIN_MAX, len(self.train_y))
         x, y = self.train_x[:n], self.train_y[:n]
-        key = _key(classifier=self.classifier_id, data=tensor_digest(x), weights=dataclasses.asdict(p.loss_weights),
+        key = cache.key_digest(classifier=self.classifier_id, data=cache.tensor_digest(x), weights=dataclasses.asdict(p.loss_weights),
                    epochs=p.mask_epochs, lr=5e-3, batch=50, width=32)
 
         def build() -> dict[str, Any]:
@@ -565,7 +525,7 @@ class SaliencyDetector(GuardDetector):
             log.info("saliency_detector: masking model trained, loss per epoch %s", history)
             return {"masker": fresh.state_dict(), "history": history, "classifier": self.classifier_id}
 
-        state = cached(self.cache_dir / f"saliency_mask-{key}.pt", build, device)
+        state = cache.cached_state(self.cache_dir / f"saliency_mask-{key}.pt", build, device)
         self.masker.load_state_dict(state["masker"])
         self.masker.eval().requires_grad_(False)
         self.mask_history = list(state["history"])
@@ -612,7 +572,7 @@ class SaliencyDetector(GuardDetector):
         """Adversarial versions of the training images (cached next to the base checkpoint
         per classifier, attack and ε) and which of them count as adversarial."""
         p, device = self.params, self.train_x.device
-        key = _key(classifier=self.classifier_id, data=tensor_digest(self.train_x), attack=p.train_attack,
+        key = cache.key_digest(classifier=self.classifier_id, data=cache.tensor_digest(self.train_x), attack=p.train_attack,
                    steps=p.steps, eps=self.threat.eps)
 
         def build() -> dict[str, Any]:
@@ -620,7 +580,7 @@ class SaliencyDetector(GuardDetector):
             attack = detection_attack(p.train_attack, self.model, self.threat.eps, p.steps)
             return {"adv": craft(attack, self.train_x, self.train_y)}
 
-        adv = cached(self.cache_dir / f"saliency_adv-{key}.pt", build, device)["adv"]
+        adv = cache.cached_state(self.cache_dir / f"saliency_adv-{key}.pt", build, device)["adv"]
         with torch.no_grad():
             correct = batched(self.model, self.train_x).argmax(1) == self.train_y
             fooled = correct & (batched(self.model, adv).argmax(1) != self.train_y)
@@ -725,12 +685,8 @@ class SaliencyDetector(GuardDetector):
     def save_detector(self, path: str | Path) -> None:
         """Write the trained detector (with its masking model and threshold), atomically, for
         ``detector_checkpoint``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        torch.save(self._detector_state(), tmp)
-        os.replace(tmp, path)
+        state = self._detector_state()
+        cache.atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     def _load_detector(self, state: dict[str, Any], source: str) -> None:
         saved = state["classifier"]

@@ -36,13 +36,10 @@ Where this follows the paper and not the authors' released code:
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -51,6 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from defenses import cache
 from defenses import data as data_lib
 from defenses import models as model_lib
 from defenses import saliency
@@ -153,27 +151,11 @@ def compute_maps(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, method: s
     return torch.cat(out)
 
 
-def _tensor_digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_path(checkpoint: Path, method: str, normalization: str, data_digest: str) -> Path:
     """Where the maps of (teacher checkpoint, method + settings, normalization, training set)
     live: next to the checkpoint. The teacher enters by its file's content, so a retrained
     teacher at the same path never reuses stale maps."""
-    key = {"version": CACHE_VERSION, "teacher": _file_digest(checkpoint), "method": method,
+    key = {"version": CACHE_VERSION, "teacher": cache.file_digest(checkpoint), "method": method,
            "kwargs": METHOD_KWARGS[method], "normalization": normalization, "data": data_digest}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return checkpoint.parent / f"sat-saliency-{method}-{normalization}-{digest}.pt"
@@ -181,28 +163,10 @@ def cache_path(checkpoint: Path, method: str, normalization: str, data_digest: s
 
 def cached_maps(path: Path, shape: torch.Size, compute: Callable[[], torch.Tensor],
                 device: torch.device) -> torch.Tensor:
-    """Load the maps at ``path`` or compute and store them (atomically, under a lock so
-    concurrent trials compute once). Returns the maps on ``device``."""
-    def load() -> torch.Tensor | None:
-        if not path.is_file():
-            return None
-        maps = torch.load(path, map_location=device, weights_only=True)["maps"]
-        return maps if maps.shape == shape else None
-
-    maps = load()
-    if maps is not None:
-        return maps
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        maps = load()  # another trial may have finished them while we waited
-        if maps is not None:
-            return maps
-        maps = compute()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        torch.save({"maps": maps.cpu()}, tmp)
-        os.replace(tmp, path)
-    return maps.to(device)
+    """The maps at ``path``, or ``compute()``'s stored there once (``defenses.cache``);
+    maps of another shape are computed again. Returns them on ``device``."""
+    return cache.cached_state(path, lambda: {"maps": compute()}, device,
+                              valid=lambda state: state["maps"].shape == shape)["maps"]
 
 
 class TrainingSetIndex:
@@ -303,7 +267,7 @@ class SAT(LossDefense):
         path = Path(base_checkpoint)
         device = next(self.model.parameters()).device
         p = self.params
-        target = cache_path(path, p.method, p.normalization, _tensor_digest(data.train_x, data.train_y))
+        target = cache_path(path, p.method, p.normalization, cache.tensor_digest(data.train_x, data.train_y))
 
         # the teacher is checked even when its maps are cached: a wrong checkpoint never passes
         teacher = _load_teacher(path, p, data, self.model, device)

@@ -38,11 +38,11 @@ from defenses import evaluate as eval_lib  # noqa: E402
 from defenses import registry  # noqa: E402
 from defenses.base import BaseModelRequest  # noqa: E402
 from defenses.detection import craft, detection_report  # noqa: E402
-from orchestrator.bases import ensure_base  # noqa: E402
+from orchestrator.training import ensure_base# noqa: E402
 from orchestrator.evaluate import eval_data, restore  # noqa: E402
 from orchestrator.spec import SweepSpec, parse  # noqa: E402
 from orchestrator.stats import accuracy_interval  # noqa: E402
-from orchestrator.trial import TrialSetup, build_setup, save_checkpoint, train  # noqa: E402
+from orchestrator.training import TrialSetup, build_setup, save_checkpoint, train# noqa: E402
 
 EPS = 0.3
 EPOCHS = 5

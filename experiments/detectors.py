@@ -101,7 +101,7 @@ def build(name: str, hp: dict, run_dir: Path):
     """A detector exactly as a trial builds it: base classifier, setup, one (calibrating)
     epoch; returns (defense, held-out metrics of end_epoch)."""
     from orchestrator.spec import parse
-    from orchestrator.trial import build_setup, train
+    from orchestrator.training import build_setup, train
 
     spec = parse(SPEC)
     s = build_setup(spec, name, hp, torch.device("cpu"), run_dir)
@@ -224,7 +224,7 @@ def fpr_check(run_dir: Path, validation_samples: int | None = None) -> list[dict
     builds it (threshold on the validation split); and, for contrast, with the threshold set
     on 300 of the classifier's training images, the calibration before the split."""
     from orchestrator.spec import parse
-    from orchestrator.trial import build_setup, train
+    from orchestrator.training import build_setup, train
 
     raw = SPEC if validation_samples is None else {**SPEC, "validation_samples": validation_samples}
     spec = parse(raw)

@@ -113,7 +113,7 @@ measurement of fractional-GPU packing.
   memory: Tune cannot place a trial that asks for nothing), the workers hold one placement
   group; the sweep caps concurrent trials at what the cluster can hold.
 * Every worker runs the same `run_trial` and the same training loop as a one-process trial
-  (`orchestrator.trial.train`), given a `TorchDistributed` (orchestrator/distributed.py):
+  (`orchestrator.training.train`), given a `TorchDistributed` (orchestrator/distributed.py):
   every rank walks the same seeded global batches and takes its share of each; it crafts the
   adversarial examples of its share; before each optimizer step the gradients are combined as
   Σ_r (n_r / n) g_r in one all-reduce (the gradient of the global batch for a per-batch mean

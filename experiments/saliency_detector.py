@@ -62,7 +62,7 @@ def log(msg: str) -> None:
 
 
 def setup_base(out: Path):
-    from orchestrator.bases import ensure_base
+    from orchestrator.training import ensure_base
     from orchestrator.spec import parse
     from defenses.base import BaseModelRequest
 

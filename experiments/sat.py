@@ -27,9 +27,10 @@ from defenses import models as model_lib  # noqa: E402
 from defenses import registry  # noqa: E402
 from defenses.base import BaseModelRequest  # noqa: E402
 from defenses.evaluate import benchmark  # noqa: E402
-from orchestrator.bases import ensure_base  # noqa: E402
+from orchestrator.training import ensure_base# noqa: E402
 from orchestrator.spec import parse  # noqa: E402
-from orchestrator.trial import CHECKPOINT_FILE, LocalReporter, run_trial  # noqa: E402
+from orchestrator.trial import LocalReporter, run_trial# noqa: E402
+from orchestrator.training import CHECKPOINT_FILE# noqa: E402
 
 ATTACKS = ["fgsm", "pgd-40", "pgd_cw-30"]
 EVAL_EPS = (0.1, 0.3)

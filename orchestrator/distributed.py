@@ -1,6 +1,6 @@
 """Data-parallel training of one trial over several processes (torch.distributed: gloo on CPU,
 NCCL on GPU). Pure PyTorch: Ray Train only launches the processes and sets up the process
-group (orchestrator/tune_adapter.py); the training loop is ``orchestrator.trial.train``, the same
+group (orchestrator/tune_adapter.py); the training loop is ``orchestrator.training.train``, the same
 one a single process runs, handed a ``TorchDistributed`` instead of ``SingleProcess``.
 
 Why not ``torch.nn.parallel.DistributedDataParallel`` (``ray.train.torch.prepare_model``)?
@@ -175,7 +175,7 @@ class GradientAllReduce:
 
 # ------------------------------------------------------------------------------ the context
 class TorchDistributed:
-    """What ``orchestrator.trial.train`` needs to run as one rank of a data-parallel trial.
+    """What ``orchestrator.training.train`` needs to run as one rank of a data-parallel trial.
     The process group must already be initialized (Ray Train does it)."""
 
     def __init__(self, device: torch.device, sync_batchnorm: bool = False):

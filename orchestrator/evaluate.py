@@ -43,8 +43,7 @@ from orchestrator.aggregate import fronts_by_eps, front_layers, merge_runs, reac
 from orchestrator.outdir import overwrite_problem
 from orchestrator.records import TrialRecord, load_records, save_record, write_json_atomic
 from orchestrator.spec import SpecError, SweepSpec, parse
-from orchestrator.trial import (CHECKPOINT_FILE, TrialSetup, all_test_images, build_setup,
-                               load_checkpoint, saved_broken)
+from orchestrator.training import CHECKPOINT_FILE, TrialSetup, all_test_images, build_setup, load_checkpoint, saved_broken
 
 log = logging.getLogger("orchestrator.evaluate")
 SPEC_FILE = "spec.json"
@@ -232,7 +231,7 @@ def reevaluate(record: dict[str, Any], spec: dict[str, Any], run_dir: str,
     The points the search-time evaluation broke (stored in the checkpoint) stay broken and are
     not attacked again, as in a cascade: the final numbers are the worst case over both
     evaluations, and the final attacks' time goes to the points the search left robust."""
-    from orchestrator.trial import choose_device
+    from orchestrator.training import choose_device
 
     rec, sweep = TrialRecord.from_dict(record), SweepSpec.model_validate(spec)
     torch.set_num_threads(max(1, int(sweep.resources.cpus_per_trial)))

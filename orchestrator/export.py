@@ -18,12 +18,10 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import logging
-import os
 import platform
 import socket
 import subprocess
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from defenses.cache import atomic_write
 from orchestrator.aggregate import (DEFAULT_OBJECTIVES, ci_columns, curve_columns, flagged_mask,
                                     fronts_by_eps, knee, on_front_within_ci, pareto_front,
                                     with_suspect)
@@ -48,26 +47,6 @@ WITHIN_CI_COLUMN = "on_front_within_ci"
 
 
 # ---------------------------------------------------------------------------- atomic writing
-
-def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """Call ``write(tmp)`` on a temp file next to ``path``, then rename it onto ``path``.
-
-    The temp file lives in the same folder so ``os.replace`` is an atomic rename on one file
-    system; on any failure it is removed and the previous ``path`` is left untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
 
 def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))

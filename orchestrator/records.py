@@ -5,11 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from defenses.cache import atomic_write
 from orchestrator.stats import accuracy_interval
 
 COMPLETED = "completed"
@@ -116,17 +115,9 @@ class TrialRecord:
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON next to its destination, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1, default=_json_default)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``payload`` as JSON at ``path``, written atomically (``defenses.cache.atomic_write``)."""
+    text = json.dumps(payload, indent=1, default=_json_default)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _json_default(o: Any) -> Any:

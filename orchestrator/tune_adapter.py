@@ -25,7 +25,8 @@ from ray import tune
 
 from orchestrator.records import FAILED, TrialRecord, save_record
 from orchestrator.spec import SweepSpec
-from orchestrator.trial import CHECKPOINT_FILE, final_metrics, new_record, run_trial
+from orchestrator.trial import final_metrics, new_record, run_trial
+from orchestrator.training import CHECKPOINT_FILE
 
 log = logging.getLogger(__name__)
 

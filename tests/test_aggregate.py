@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator import aggregate
+from orchestrator.aggregate import cli as aggregate
 from orchestrator.aggregate import (_nondominated_2d, _nondominated_kd, hypervolume, knee,
                                     merge_runs, pareto_front, suspect_labels)
 from orchestrator.records import IDENTITY_COLUMNS, TrialRecord, save_record

@@ -79,7 +79,8 @@ def test_images_outside_unit_range_are_refused():
 def test_unknown_attack_names_the_valid_ones():
     with pytest.raises(attacks.AttackNameError, match="pgd"):
         attacks.parse("bim-5")
-    assert attacks.parse("pgd-40") == ("pgd", 40)
+    assert attacks.parse("pgd-40") == ("pgd", 40, None)
+    assert attacks.parse("apgd_t-50x3") == ("apgd_t", 50, 3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -103,3 +104,20 @@ def test_threat_model_refuses_an_unknown_precision():
     with pytest.raises(ValueError, match="valid: fp32, bf16, fp16"):
         ThreatModel(eps=0.3, train_precision="fp8")
     assert ThreatModel(eps=0.3, train_precision="bf16").attack_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("specs, steps", [
+    (["fgsm"], 20), (["fast"], 20), (["standard"], 100), (["reduced"], 50),
+    (["fgsm", "pgd-40", "apgd_t-50x3"], 50), (["cw-70", "square-5000"], 70), (["paper"], 20)])
+def test_one_budget_rule_for_every_defense_s_adaptive_attacks(specs, steps):
+    # SAD's adaptive PGD and the detectors' detector-aware attacks read the same rule
+    from defenses import models
+    from defenses.base import ThreatModel
+    from defenses.feature_squeezing import FeatureSqueezing
+    from defenses.sad import SAD
+
+    assert attacks.strongest_steps(specs) == steps
+    threat = ThreatModel(0.3, attacks=tuple(specs))
+    sad = SAD(models.build("small_cnn", 10, 1), SAD.make_params({}), threat)
+    fs = FeatureSqueezing(models.build("small_cnn", 10, 1), FeatureSqueezing.make_params({}), threat)
+    assert sad.adaptive_steps() == fs.adaptive_budget() == steps

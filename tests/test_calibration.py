@@ -29,7 +29,7 @@ def _rows(x: torch.Tensor) -> set[bytes]:
 
 def test_validation_split_is_disjoint_and_the_default_training_images_are_unchanged(tmp_path):
     from orchestrator.spec import load
-    from orchestrator.trial import build_setup
+    from orchestrator.training import build_setup
 
     spec = load(preset="default")
     assert spec.validation_samples == 1000 and spec.train_samples == 2000
@@ -57,7 +57,7 @@ def test_validation_split_is_disjoint_and_the_default_training_images_are_unchan
 
 def test_base_models_train_without_the_validation_split():
     from defenses.base import BaseModelRequest
-    from orchestrator.bases import base_key
+    from orchestrator.training import base_key
     from orchestrator.spec import load
 
     spec = load(preset="default")

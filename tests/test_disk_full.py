@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import aggregate, sweep
+from orchestrator import sweep
+from orchestrator.aggregate import cli as aggregate
 from orchestrator.records import TrialRecord, save_record
 from orchestrator.spec import parse
 

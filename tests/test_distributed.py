@@ -30,7 +30,8 @@ from defenses.base import ThreatModel
 from orchestrator import sweep
 from orchestrator.distributed import TorchDistributed, convert_sync_batchnorm, shard_bounds
 from orchestrator.spec import SpecError, parse
-from orchestrator.trial import LocalReporter, SingleProcess, TrialSetup, run_trial, train
+from orchestrator.trial import LocalReporter, run_trial
+from orchestrator.training import SingleProcess, TrialSetup, train
 
 TOL = 1e-5
 N_TRAIN, BATCH, HOLDOUT = 120, 41, 32  # batches of 41, 41, 38: shards of 21/20, 19/19

@@ -129,7 +129,7 @@ def test_budgets_and_target_counts_are_spelled_in_the_name(linear):
               "standard, reduced, adaptive, paper"),
     ("pgd-0", "must be positive"),
     ("apgd_ce-10x3", "only apgd_t, fab_t take a target count"),
-    ("pgd-10x2", "unknown attack or preset"),
+    ("pgd-10x2", "only apgd_t, fab_t take a target count"),
 ])
 def test_bad_attack_names_say_what_is_valid(bad, match):
     with pytest.raises(ev.EvalConfigError, match=match):

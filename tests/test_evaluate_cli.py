@@ -16,7 +16,7 @@ from orchestrator.aggregate import merge_runs
 from orchestrator.export import export_all
 from orchestrator.records import TrialRecord, load_records, save_record
 from orchestrator.spec import parse
-from orchestrator.trial import build_setup, save_checkpoint, train
+from orchestrator.training import build_setup, save_checkpoint, train
 
 SPEC = {"name": "cli", "dataset": "mnist5k", "model": "small_cnn", "epochs": 1,
         "train_samples": 100, "eval_samples": 20, "final_samples": 20, "batch_size": 50,

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from orchestrator import export
-from orchestrator.export import atomic_write, export_all, write_csv, write_manifest
+from defenses.cache import atomic_write
+from orchestrator.export import export_all, write_csv, write_manifest
 from orchestrator.records import TrialRecord
 
 REQUIRED = ["trial_id", "defense", "status", "clean_acc", "robust_acc", "robust_attack",

@@ -22,7 +22,7 @@ import psutil  # noqa: E402
 
 from defenses import registry
 from orchestrator import sweep
-from orchestrator.bases import base_key
+from orchestrator.training import base_key
 from orchestrator.spec import parse
 from orchestrator.trial import LocalReporter, run_trial
 

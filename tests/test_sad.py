@@ -356,18 +356,20 @@ def test_missing_unreadable_and_incompatible_checkpoints(mnist, trained_cnn, tmp
 # --- end to end through the trial loop -------------------------------------------------------------
 def test_run_trial_trains_the_base_once_and_reuses_it(tmp_path, monkeypatch, mnist):
     import orchestrator.trial as trial_lib
+    import orchestrator.training as training_lib
     from orchestrator.spec import parse
 
     # the session's copy of mnist5k instead of three more loads (seconds each)
     monkeypatch.setattr(data_lib, "load", lambda name, root=None, seed=0: mnist)
     trained = []
-    real_train = trial_lib.train
+    real_train = training_lib.train
 
     def counting_train(s, epochs, *args, **kwargs):
         trained.append(s.defense_name)
         return real_train(s, epochs, *args, **kwargs)
 
-    monkeypatch.setattr(trial_lib, "train", counting_train)
+    monkeypatch.setattr(trial_lib, "train", counting_train)     # the trial's loop
+    monkeypatch.setattr(training_lib, "train", counting_train)  # the base model's
     spec = parse({"dataset": "mnist5k", "model": "small_cnn", "epochs": 2, "train_samples": 300,
                   "eval_samples": 40, "batch_size": 100,
                   "threat_model": {"eps": EPS, "attacks": ["fgsm"], "train_steps": 2},

@@ -34,10 +34,10 @@ def test_run_trial_is_deterministic_on_cpu(tmp_path):
 def test_training_the_base_model_does_not_shift_the_trial_random_stream(tmp_path, monkeypatch):
     # The first trial of a run trains the base model (a PGD-AT teacher draws random starts), the
     # next loads it from the cache: both must go on with the same random stream.
-    import orchestrator.bases as bases
-    from orchestrator.trial import build_setup
+    import orchestrator.training as training
+    from orchestrator.training import build_setup
 
-    real = bases.ensure_base
+    real = training.ensure_base
 
     def drawing_ensure_base(*args, **kwargs):
         torch.rand(1000)  # what a training with random draws does to the global stream
@@ -48,7 +48,7 @@ def test_training_the_base_model_does_not_shift_the_trial_random_stream(tmp_path
     for patched in (False, True):
         with monkeypatch.context() as m:
             if patched:
-                m.setattr(bases, "ensure_base", drawing_ensure_base)
+                m.setattr(training, "ensure_base", drawing_ensure_base)
             build_setup(spec, "atat", {}, torch.device("cpu"), tmp_path)
             draws.append(torch.rand(4))
     torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)

@@ -6,15 +6,12 @@ Everything here works on plain DataFrames of ``TrialRecord.to_row()`` rows so th
 code serves a live sweep, a finished run dir and a CSV someone reloaded in a notebook. No Ray,
 no torch: the aggregator must run on a laptop without the training stack.
 
-Usage::
-
-    python -m orchestrator.aggregate RUN_DIR [RUN_DIR ...] [--out DIR] [--exclude-flagged]
+The command line (``python -m orchestrator.aggregate RUN_DIR ...``) is ``cli.py`` beside
+this file: it writes through ``orchestrator.export``, which builds on this module.
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from collections.abc import Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,8 +19,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from orchestrator.cli import EXIT_EXPORT_FAILED, BadInput, OneLineParser, complain
-from orchestrator.outdir import overwrite_problem, write_failure
 from orchestrator.records import COMPLETED, IDENTITY_COLUMNS, load_records
 
 log = logging.getLogger(__name__)
@@ -385,87 +380,3 @@ def _signed_distance_to_chord(norm: np.ndarray) -> np.ndarray:
     if normal @ (np.ones(2) - a) < 0:
         normal = -normal
     return (norm - a) @ normal
-
-
-# ---------------------------------------------------------------------------- CLI
-
-PROG = "aggregate"
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m orchestrator.aggregate",
-                       description="Merge sweep runs and write trials.csv, pareto.csv, "
-                                   "pareto_by_eps.csv (when trials have a robustness curve) and "
-                                   "pareto.png.")
-    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
-                   help="run directory holding records/*.json")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output directory (default: the run dir; required with several)")
-    p.add_argument("--force", action="store_true",
-                   help="let --out replace the CSVs/plot already in it (without --out, a run "
-                        "dir's own exports are always rewritten)")
-    p.add_argument("--exclude-flagged", action="store_true",
-                   help="leave trials with any flag.* raised (e.g. gradient masking) off the "
-                        "Pareto fronts; trials.csv keeps them")
-    return p
-
-
-EXPORTS = ("trials.csv", "pareto.csv", "pareto_by_eps.csv", "pareto.png")  # what export_all writes
-
-
-def _input_problem(run_dirs: list[Path], out: Path | None, force: bool = False) -> str | None:
-    """First thing wrong with the arguments, phrased with its fix; None when all is well."""
-    for d in run_dirs:
-        if not d.is_dir():
-            return f"run dir {d} does not exist; pass the directory a sweep wrote"
-        if not (d / "records").is_dir():
-            return f"run dir {d} has no records/ folder; pass the directory a sweep wrote"
-    if out is None and len(run_dirs) > 1:
-        return f"{len(run_dirs)} run dirs given but no --out; add --out DIR for the merged output"
-    if out is not None and out.exists() and not out.is_dir():
-        return f"--out {out} is a file, not a directory; choose another --out"
-    if out is not None and all(out.resolve() != d.resolve() for d in run_dirs):
-        problem = overwrite_problem([out / name for name in EXPORTS], force)
-        if problem:
-            return f"--out: {problem}"
-    return None
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = _parser().parse_args(argv)
-    except BadInput as e:
-        return complain(PROG, str(e))
-    problem = _input_problem(args.run_dirs, args.out, args.force)
-    if problem:
-        return complain(PROG, problem)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from orchestrator.export import export_all  # export builds on this module: import late
-    out = args.out or args.run_dirs[0]
-    df = merge_runs(args.run_dirs)
-    try:
-        paths = export_all(df, out, exclude_flagged=args.exclude_flagged)
-    except OSError as e:  # disk full, read-only folder: what was there stays as it was
-        complain(PROG, write_failure(out, e))
-        return EXIT_EXPORT_FAILED
-    front = pareto_front(df, exclude_flagged=args.exclude_flagged)
-    print(f"{len(df)} trials ({int((df['status'] == COMPLETED).sum())} completed), "
-          f"{len(front)} on the Pareto front, hypervolume {hypervolume(front):.4f}")
-    flagged = int(flagged_mask(df).sum()) if not df.empty else 0
-    if flagged:
-        print(f"{flagged} trials flagged as suspect (see the 'suspect' column)"
-              + ("; kept off the fronts" if args.exclude_flagged else ""))
-    for eps, (objs, eps_front) in fronts_by_eps(df, exclude_flagged=args.exclude_flagged).items():
-        print(f"ε={eps:.4g}: {len(eps_front)} on the front, hypervolume "
-              f"{hypervolume(eps_front, objs):.4f}")
-    if not front.empty:
-        k = front.loc[knee(front)]
-        print(f"knee: {k['trial_id']} ({k['defense']}) clean_acc={k['clean_acc']:.4f} "
-              f"robust_acc={k['robust_acc']:.4f}")
-    for path in paths.values():
-        print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

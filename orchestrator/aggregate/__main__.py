@@ -1,0 +1,5 @@
+import sys
+
+from orchestrator.aggregate.cli import main
+
+sys.exit(main())
