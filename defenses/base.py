@@ -151,6 +151,10 @@ class Defense(abc.ABC):
         """Named warnings that go into the trial record as ``flag.<name>``."""
         return {}
 
+    # the ``flags()`` after which a trial's numbers are not to be used (e.g. FGSM-RS's
+    # catastrophic overfitting): the dashboard shows them in red, other flags in yellow
+    severe_flags: ClassVar[frozenset[str]] = frozenset()
+
     def state_dict(self) -> dict[str, Any]:
         """Defense-specific state to checkpoint with the model (for resuming)."""
         return {}
@@ -165,6 +169,12 @@ class Defense(abc.ABC):
 
     def predict(self, x: torch.Tensor) -> Prediction:
         return Prediction(self.predictor()(x))
+
+    def surrogate(self) -> nn.Module | None:
+        """The model the gradient-masking checks' transfer attack crafts on: the bare model
+        when the prediction wraps it (preprocessing, a saliency step), else none (a transfer
+        from the attacked model itself is no check)."""
+        return self.model if self.predictor() is not self.model else None
 
     def adaptive_attacks(self, eps: float) -> list["Attack"]:
         """Attacks built for this defense specifically (BPDA, full differentiation through a

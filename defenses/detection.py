@@ -26,7 +26,7 @@ import dataclasses
 import logging
 import math
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence
+from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -41,12 +41,16 @@ from defenses.data import Dataset, as_float
 log = logging.getLogger(__name__)
 
 
+@runtime_checkable
 class ScoredDetector(Protocol):
     """What the metrics need: the model it guards, the decision, and a continuous score."""
 
     model: torch.nn.Module
 
     def predict(self, x: torch.Tensor) -> Prediction: ...
+
+    def decide(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, rejected, score) in one pass."""
 
     def detector_score(self, x: torch.Tensor) -> torch.Tensor: ...
 
@@ -166,10 +170,7 @@ def _decide(detector: ScoredDetector, x: torch.Tensor, batch_size: int
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
             xb = x[i:i + batch_size]
-            if hasattr(detector, "decide"):  # one pass instead of predict + detector_score
-                logits, rej, score = detector.decide(xb)
-            else:
-                (logits, rej), score = detector.predict(xb), detector.detector_score(xb)
+            logits, rej, score = detector.decide(xb)
             preds.append(logits.argmax(1))
             rejected.append(rej)
             scores.append(score)
@@ -224,8 +225,8 @@ def detector_metrics(detector: ScoredDetector, x: torch.Tensor, y: torch.Tensor,
     ``auroc.<name>`` and ``tpr_at_fpr.<name>`` (TPR at ``fpr``, default the detector's target
     FPR). Each attack runs once, on the inputs the classifier gets right (the only ones whose
     adversarial versions count), not as a cascade: detection is a property of each attack."""
-    if not hasattr(detector, "detector_score"):
-        raise TypeError(f"{type(detector).__name__} is not a detector (no detector_score)")
+    if not isinstance(detector, ScoredDetector):
+        raise TypeError(f"{type(detector).__name__} is not a detector (no decide/detector_score)")
     if fpr is None:
         fpr = getattr(detector, "target_fpr", 0.05)
     with frozen_eval(detector.model):

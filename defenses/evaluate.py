@@ -179,7 +179,7 @@ def check_paper(defense_cls: type, names: Sequence[AttackSpec]) -> None:
     so a sweep spec fails before Ray starts and before any defense is built."""
     if not any(isinstance(n, str) and n == "paper" for n in names):
         return
-    if getattr(defense_cls, PAPER_HOOK, Defense.paper_attacks) is Defense.paper_attacks:
+    if defense_cls.paper_attacks is Defense.paper_attacks:
         raise _no_paper_setting(getattr(defense_cls, "name", defense_cls.__name__))
 
 

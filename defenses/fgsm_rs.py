@@ -28,6 +28,7 @@ class FGSMRS(LossDefense):
     name = "fgsm_rs"
     Params = FGSMRSParams
     holdout_size = 256
+    severe_flags = frozenset({"catastrophic_overfitting"})  # the model's robustness collapsed
 
     def __init__(self, model, params, threat):
         super().__init__(model, params, threat)

@@ -50,7 +50,6 @@ import math
 from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
 import torch
-import torch.nn as nn
 
 from defenses.attacks import PGD, Attack, frozen_eval
 from defenses.base import predict_labels
@@ -102,15 +101,6 @@ def attack_kind(name: str) -> str:
     if name.startswith("transfer"):
         return "transfer"
     return "whitebox"
-
-
-def surrogate_of(defense: "Defense") -> nn.Module | None:
-    """The model a transfer check crafts on: the defense's ``surrogate()`` hook, else its bare
-    model when the prediction wraps it (preprocessing, saliency step), else none."""
-    hook = getattr(defense, "surrogate", None)
-    if callable(hook):
-        return hook()
-    return defense.model if defense.predictor() is not defense.model else None
 
 
 # ---------------------------------------------------------------- helpers
@@ -217,7 +207,7 @@ def _square_check(defense, xr, yr, eps, cfg, batch_size, cascade_names=()) -> Fo
 
 
 def _transfer_check(defense, xr, yr, eps, cfg, batch_size, cascade_names=()) -> Found:
-    surrogate = surrogate_of(defense)
+    surrogate = defense.surrogate()
     if surrogate is None:
         return None
     attack = PGD(surrogate, eps, steps=cfg.transfer_steps)
@@ -294,4 +284,4 @@ def _stability_check(defense, x, pred, rej, cfg, batch_size, ev) -> bool:
     return bool(changed.any()) and frac > cfg.unstable_frac
 
 
-__all__ = ["FLAGS", "MaskingConfig", "MaskingReport", "check", "attack_kind", "surrogate_of"]
+__all__ = ["FLAGS", "MaskingConfig", "MaskingReport", "check", "attack_kind"]

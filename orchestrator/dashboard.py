@@ -27,6 +27,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from defenses import registry
 from orchestrator.records import COMPLETED, FAILED, RUNNING, TrialRecord
 from orchestrator.stats import accuracy_interval
 
@@ -43,7 +44,6 @@ PLAIN_REASON_WIDTH = 300
 
 _STATUS_STYLE = {RUNNING: "cyan", COMPLETED: "green", FAILED: "bold red", STOPPED: "yellow"}
 # Flags everybody should notice at a glance; any other true flag gets its initials.
-_FLAG_MARKERS = {"catastrophic_overfitting": ("CO", "bold red")}
 # The line of a traceback that names the exception, e.g. "ValueError: lr must be > 0".
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")   # Ray colours "ray::ImplicitFunc.train()" in tracebacks
@@ -367,7 +367,7 @@ class Dashboard(Callback):
             table.add_row(r.trial_id, r.defense, self._hp_text(r),
                           Text(r.status, style=_STATUS_STYLE.get(r.status, "")),
                           self._epoch_cell(r), _pct(r.clean), _pct(r.robust),
-                          _flag_markers(r.flags), _clock_text(self._duration(r)))
+                          _flag_markers(r.flags, r.defense), _clock_text(self._duration(r)))
         if more:
             table.add_row(Text(f"… {more} more", style="dim"))
         return table
@@ -399,7 +399,7 @@ class Dashboard(Callback):
             r = self._rows[tid]
             table.add_row(tid, r.defense, self._hp_text(r), _pct(r.clean, r.n),
                           _pct(r.robust, r.n) + (f" ({r.attack})" if r.attack else ""),
-                          _flag_markers(r.flags))
+                          _flag_markers(r.flags, r.defense))
         return table
 
     @staticmethod
@@ -481,12 +481,20 @@ def _clock_text(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def _flag_marker(name: str) -> tuple[str, str]:
-    if name in _FLAG_MARKERS:
-        return _FLAG_MARKERS[name]
-    return "".join(w[0] for w in name.split("_") if w).upper(), "bold yellow"
+def _flag_marker(name: str, defense: str = "") -> tuple[str, str]:
+    """Initials, red for a flag the defense declares severe (``Defense.severe_flags``)."""
+    severe = name in _severe_flags(defense)
+    return "".join(w[0] for w in name.split("_") if w).upper(), "bold red" if severe else "bold yellow"
 
 
-def _flag_markers(flags: dict[str, bool]) -> Text:
-    return Text(" ").join(Text(*_flag_marker(name))
+@functools.lru_cache(maxsize=None)
+def _severe_flags(defense: str) -> frozenset[str]:
+    try:
+        return registry.get(defense).severe_flags
+    except KeyError:  # a record of a defense this checkout does not have
+        return frozenset()
+
+
+def _flag_markers(flags: dict[str, bool], defense: str = "") -> Text:
+    return Text(" ").join(Text(*_flag_marker(name, defense))
                           for name in sorted(k for k, v in flags.items() if v))

@@ -210,3 +210,11 @@ def test_dashboard_survives_tuner_pickling():
 ])
 def test_short_reason(text, reason):
     assert short_reason(text) == reason
+
+
+def test_a_flag_is_red_where_its_defense_declares_it_severe():
+    from orchestrator.dashboard import _flag_marker
+
+    assert _flag_marker("catastrophic_overfitting", "fgsm_rs") == ("CO", "bold red")
+    assert _flag_marker("blackbox_beats_whitebox", "pgd_at") == ("BBW", "bold yellow")
+    assert _flag_marker("catastrophic_overfitting", "not_a_defense") == ("CO", "bold yellow")

@@ -131,8 +131,8 @@ def test_attack_kinds_and_surrogate(linear):
                                              "apgd_t-100")] == ["blackbox", "transfer", "whitebox",
                                                                 "whitebox"]
     wrapped = Wrapped(linear, nn.Sequential(Quantize(4), linear))
-    assert masking.surrogate_of(wrapped) is linear
-    assert masking.surrogate_of(Wrapped(linear, linear)) is None
+    assert wrapped.surrogate() is linear
+    assert Wrapped(linear, linear).surrogate() is None
 
 
 def test_config_rejects_bad_settings():
