@@ -398,14 +398,24 @@ def _interrupted(out: Path, received: dict[str, int]) -> int:
     return 128 + sig if sig else EXIT_INTERRUPTED
 
 
+TUNE_PRIVATE_API_CHECKED = "2.60"  # the Ray version use_live_callbacks was written against
+
+
+def use_live_callbacks(tuner, callbacks) -> None:
+    """A restored Tuner runs with the callbacks pickled into its experiment state, copies
+    that no longer reach this driver's dashboard and record writer: give it the live ones.
+    Tune has no public way to do this, so this reaches into ``Tuner._local_tuner`` (checked
+    on Ray ``TUNE_PRIVATE_API_CHECKED``; tests/test_sweep.py fails on another version)."""
+    tuner._local_tuner.get_run_config().callbacks = callbacks
+
+
 def _tuner(tune, trainable, spec: SweepSpec, defense: str, out: Path, resume: bool, callbacks,
            make_searcher, storage: str, max_concurrent: int | None):
     experiment = f"{storage}/{defense}"
     if resume and tune.Tuner.can_restore(experiment):
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True,
                                    resume_errored=spec.max_failures > 0)
-        # restored run configs carry unpicklable-free copies of the callbacks: use the live ones
-        tuner._local_tuner.get_run_config().callbacks = callbacks
+        use_live_callbacks(tuner, callbacks)
         return tuner
     return tune.Tuner(
         trainable,

@@ -330,3 +330,20 @@ def test_ctrl_c_after_a_tune_fit_reaches_the_sweep():
     assert signal.getsignal(signal.SIGINT) is before
     with pytest.raises(KeyboardInterrupt):
         signal.raise_signal(signal.SIGINT)
+
+
+def test_the_private_tune_access_is_checked_on_this_ray_version(tmp_path):
+    # use_live_callbacks reaches into Tuner._local_tuner; a Ray upgrade must re-check it
+    import ray
+    from ray import tune
+
+    from orchestrator.sweep import TUNE_PRIVATE_API_CHECKED, use_live_callbacks
+
+    assert ray.__version__.startswith(TUNE_PRIVATE_API_CHECKED + "."), (
+        f"Ray {ray.__version__}: re-check orchestrator.sweep.use_live_callbacks, then update "
+        "TUNE_PRIVATE_API_CHECKED")
+    tuner = tune.Tuner(lambda config: None,
+                       run_config=tune.RunConfig(storage_path=str(tmp_path), name="x"))
+    live = [tune.Callback()]
+    use_live_callbacks(tuner, live)
+    assert tuner._local_tuner.get_run_config().callbacks is live
