@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import fmt_ratio, interleave, load_line, ratio, section, stats, table
-from defenses import data as data_lib
-from defenses import models
+from defenses.core import data as data_lib
+from defenses.core import models
 from defenses.attacks.base import frozen_eval
 from defenses.attacks.pgd import ce_loss, pgd
-from defenses.base import ThreatModel
+from defenses.core.base import ThreatModel
 from defenses.pgd_at import PGDAT, PGDATParams
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import fmt_ratio, interleave, load_line, ratio, section, stats, table
-from defenses import data as data_lib
-from defenses import models, registry
+from defenses.core import data as data_lib
+from defenses.core import models, registry
 from defenses.attacks.pgd import PGD
 
 log = logging.getLogger(__name__)

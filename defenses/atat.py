@@ -44,11 +44,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from defenses import models as model_lib
+from defenses.core import models as model_lib
 from defenses.attacks import pgd
 from defenses.attacks.pgd import BIM
-from defenses.base import BaseModelRequest, DefenseConfigError, LossDefense
-from defenses.saliency import grad_cam
+from defenses.core.base import BaseModelRequest, DefenseConfigError, LossDefense
+from defenses.saliency.maps import grad_cam
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from defenses.attacks.pgd import BIM
-from defenses.base import DefenseConfigError
-from defenses.detection import GuardDetector
+from defenses.core.base import DefenseConfigError
+from defenses.core.detector import GuardDetector
 
 
 @dataclasses.dataclass(frozen=True)

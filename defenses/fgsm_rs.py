@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from defenses.attacks import pgd
 from defenses.attacks.pgd import pgd_restarts, random_start
-from defenses.base import DefenseConfigError, LossDefense
+from defenses.core.base import DefenseConfigError, LossDefense
 
 
 @dataclasses.dataclass(frozen=True)

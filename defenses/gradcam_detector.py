@@ -47,9 +47,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from defenses.base import DefenseConfigError
-from defenses.detection import GuardDetector
-from defenses.saliency import grad_cam
+from defenses.core.base import DefenseConfigError
+from defenses.core.detector import GuardDetector
+from defenses.saliency.maps import grad_cam
 
 ENHANCEMENTS = ("none", "color_reverse", "zero_mean")
 RULES = ("margin", "paper")  # threshold the margin at a stated FPR | the paper's label comparison

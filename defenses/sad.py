@@ -47,11 +47,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from defenses import models as model_lib
+from defenses.core import models as model_lib
 from defenses.attacks import PGD, Attack, frozen_eval, make, strongest_steps
 from defenses.attacks.adaptive import BPDA, EOTPGD, gaussian_noise, transfer_pgd
 from defenses.attacks.external import TorchAttacks, torchattacks
-from defenses.base import BaseModelRequest, Defense, DefenseConfigError, Prediction
+from defenses.core.base import BaseModelRequest, Defense, DefenseConfigError, Prediction
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ A small CNN, trained on clean images against adversarial images of ONE attack on
 classifier f, decides whether an input is adversarial. What it sees (§3.4-3.6):
 
 - ``smd`` (Saliency Map Defense): the saliency mask f_s(x) of the real-time masking model
-  (``defenses.saliency_masking``) for f's predicted class;
+  (``defenses.saliency.maps.masking``) for f's predicted class;
 - ``spd`` (Salient Pixel Defense): the salient pixels f_s(x)·x;
 - ``id`` (Image Defense, Gong et al. 2017): the image alone;
 - ``jsd`` (Jacobian Saliency Defense, Zhang et al. 2018): the image concatenated with the
@@ -57,24 +57,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from defenses import attacks as attack_lib
-from defenses import cache
+from defenses.core import cache
 from defenses.attacks import Attack, frozen_eval
 from defenses.attacks.adaptive import smooth_relu, straight_through
 from defenses.attacks.detector_aware import OrthogonalPGD
-from defenses.attacks.external import TorchAttacks, torchattacks
-from defenses.base import DefenseConfigError, Prediction
-from defenses.data import as_float
-from defenses.detection import GuardDetector, load_guarded_classifier, threshold_at_fpr
-from defenses.saliency import capture_activation
-from defenses.saliency_masking import MaskingModel, SaliencyLossWeights, train_masking_model
+from defenses.core.base import DefenseConfigError, Prediction
+from defenses.core.data import as_float
+from defenses.core.detector import GuardDetector, load_guarded_classifier
+from defenses.evaluation.detection import threshold_at_fpr
+from defenses.saliency.maps import capture_activation
+from defenses.attacks.detector_training import (DEFAULT_STEPS, TEST_ONLY_ATTACKS, TRAIN_ATTACKS, craft,
+                                                detection_attack, threat_attack)
+from defenses.saliency.detector_net import (DetectorCNN, batched, detector_input, detector_pass,
+                                           input_channels, logit_gradient)
+from defenses.saliency.masking import MaskingModel, SaliencyLossWeights, train_masking_model
 
 log = logging.getLogger(__name__)
 
 DETECTORS = ("smd", "spd", "id", "jsd")
-TRAIN_ATTACKS = ("fgsm", "bim", "mim", "cw", "deepfool")
-TEST_ONLY_ATTACKS = ("jsma",)
-DEFAULT_STEPS = {"fgsm": 1, "bim": 10, "mim": 10, "cw": 30, "deepfool": 50, "jsma": 0}
 CHECKPOINT_FORMAT = "saliency_detector/1"
 MASK_TRAIN_MAX = 1000   # masking-model training images (CPU budget; the masks converge on fewer)
 
@@ -90,7 +90,7 @@ class SaliencyDetectorParams:
     adv_train: bool = False        # detector adversarial training against AlternatingWhiteBox
     adv_train_samples: int = 300   # clean training images attacked per epoch for it
     rounds: int = 5                # T of the alternating white-box attack
-    area_weight: float = 6.0       # saliency loss weights (defenses.saliency_masking)
+    area_weight: float = 6.0       # saliency loss weights (defenses.saliency.maps.masking)
     smooth_weight: float = 0.0
     preserve_weight: float = 1.0
     destroy_weight: float = 2.0
@@ -107,206 +107,6 @@ class SaliencyDetectorParams:
     @property
     def steps(self) -> int:
         return self.attack_steps or DEFAULT_STEPS[self.train_attack]
-
-
-# --- attacks the detectors are trained and tested on ---------------------------------------
-
-def deepfool(model: Callable, x: torch.Tensor, y: torch.Tensor, steps: int = 50,
-             overshoot: float = 0.02) -> torch.Tensor:
-    """Batched DeepFool-L2 (Moosavi-Dezfooli et al. 2016): at each step move to the nearest
-    linearized class boundary, accumulate the steps in r and try x + (1+overshoot)·r (kept in
-    [0,1]); an image stops as soon as it is misclassified."""
-    x_adv, r_tot = x.clone(), torch.zeros_like(x)
-    active = torch.ones(len(y), dtype=torch.bool, device=x.device)
-    for _ in range(steps):
-        idx = active.nonzero().squeeze(1)
-        if len(idx) == 0:
-            break
-        xi = x_adv[idx].detach().requires_grad_(True)
-        logits = model(xi)
-        going = logits.argmax(1) == y[idx]
-        active[idx[~going]] = False
-        if not going.any():
-            break
-        k = logits.shape[1]
-        grads = torch.stack([torch.autograd.grad(logits[:, j].sum(), xi, retain_graph=j < k - 1)[0]
-                             for j in range(k)], 1)
-        with torch.no_grad():
-            rows = torch.arange(len(idx), device=x.device)
-            yi = y[idx]
-            f = logits - logits[rows, yi][:, None]
-            w = grads - grads[rows, yi][:, None]
-            wn = w.flatten(2).norm(dim=2) + 1e-8
-            ratio = f.abs() / wn
-            ratio[rows, yi] = math.inf
-            nearest = ratio.argmin(1)
-            step = ((ratio[rows, nearest] + 1e-4) / wn[rows, nearest]).view(-1, 1, 1, 1) * w[rows, nearest]
-            j = idx[going]
-            r_tot[j] += step[going]
-            x_adv[j] = (x[j] + (1 + overshoot) * r_tot[j]).clamp(0.0, 1.0)
-    return x_adv.detach()
-
-
-class NativeAttack:
-    """An attack run in its own norm (no projection onto the L∞ ε-ball), images kept in [0,1]:
-    C&W-L2, DeepFool, JSMA as the paper runs them. Same call as ``Attack``."""
-
-    def __init__(self, model: nn.Module, name: str, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-        self.model, self.name, self.fn = model, name, fn
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with frozen_eval(self.model):
-            adv = self.fn(images, labels)
-        return adv.detach().clamp_(0.0, 1.0)
-
-
-def _torchattacks_native(model: nn.Module, name: str, attack: Any) -> NativeAttack:
-    attack.set_device(next(model.parameters()).device)
-    return NativeAttack(model, name, attack)
-
-
-def detection_attack(name: str, model: nn.Module, eps: float, steps: int = 0):
-    """The paper's attacks by name (``fgsm``, ``bim``, ``mim``, ``cw``, ``deepfool``,
-    ``jsma``); ``steps`` 0 = the default budget. Returns an ``attack(images, labels)``
-    callable with a ``name``."""
-    steps = steps or DEFAULT_STEPS.get(name, 0)
-    if name == "fgsm":
-        return attack_lib.make("fgsm", model, eps)
-    if name == "bim":
-        return TorchAttacks(model, eps, f"bim-{steps}",
-                            lambda m, e: torchattacks.BIM(m, eps=e, alpha=2.5 * e / steps, steps=steps))
-    if name == "mim":
-        return attack_lib.make(f"mim-{steps}", model, eps)
-    if name == "cw":
-        return _torchattacks_native(model, f"cw_l2-{steps}",
-                                    torchattacks.CW(model, c=10.0, kappa=0.0, steps=steps, lr=0.1))
-    if name == "deepfool":
-        return NativeAttack(model, f"deepfool_l2-{steps}",
-                            lambda x, y: deepfool(model, x, y, steps=steps))
-    if name == "jsma":
-        return _torchattacks_native(model, "jsma", torchattacks.JSMA(model, theta=1.0, gamma=0.1))
-    raise ValueError(f"unknown detection attack {name!r}; valid: "
-                     f"{', '.join(TRAIN_ATTACKS + TEST_ONLY_ATTACKS)}")
-
-
-class DeepFoolAttack(Attack):
-    """Our batched DeepFool as an ``Attack``: projected onto the ε-ball like every attack of
-    the threat model (``detection_attack("deepfool")`` is the unprojected one)."""
-
-    def __init__(self, model, eps, steps: int = 50):
-        super().__init__(model, eps)
-        self.steps = steps
-        self.name = f"deepfool_l2-{steps}"
-
-    def forward(self, images, labels):
-        return deepfool(self.model, images, labels, self.steps)
-
-
-def threat_attack(name: str, model: nn.Module, eps: float, steps: int = 0) -> Attack:
-    """The paper's attack ``name`` within the L∞ threat model (C&W and DeepFool projected onto
-    the ε-ball): what ``paper_attacks`` evaluates with."""
-    steps = steps or DEFAULT_STEPS.get(name, 0)
-    if name == "cw":
-        return TorchAttacks(model, eps, f"cw_l2-{steps}",
-                            lambda m, e: torchattacks.CW(m, c=10.0, kappa=0.0, steps=steps, lr=0.1))
-    if name == "deepfool":
-        return DeepFoolAttack(model, eps, steps)
-    if name in ("fgsm", "bim", "mim"):
-        return detection_attack(name, model, eps, steps)
-    raise ValueError(f"no threat-model version of attack {name!r}; valid: {', '.join(TRAIN_ATTACKS)}")
-
-
-def craft(attack: Callable, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
-    return torch.cat([attack(x[i:i + batch_size], y[i:i + batch_size])
-                      for i in range(0, len(y), batch_size)])
-
-
-# --- detector inputs and the detector network ----------------------------------------------
-
-def logit_gradient(model: nn.Module, x: torch.Tensor, classes: torch.Tensor,
-                   logits: torch.Tensor | None = None) -> torch.Tensor:
-    """∇_x z_c(x) per image. When x requires grad (an attack differentiating the detector),
-    the gradient keeps its graph (``create_graph``) and reuses ``logits`` if given."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        if logits is None:
-            logits = model(x)
-        grad, = torch.autograd.grad(logits.gather(1, classes[:, None]).sum(), x,
-                                    create_graph=True, retain_graph=True)
-        return grad
-    with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
-        grad, = torch.autograd.grad(model(xg).gather(1, classes[:, None]).sum(), xg)
-    return grad
-
-
-def detector_input(kind: str, classifier: nn.Module, masker: MaskingModel | None,
-                   x: torch.Tensor, logits: torch.Tensor | None = None,
-                   act: torch.Tensor | None = None) -> torch.Tensor:
-    """What detector ``kind`` sees for images x (classes: f's prediction). ``logits`` and
-    ``act`` (the attention-layer output) may come from a classifier forward already run on x."""
-    if kind == "id":
-        return x
-    if logits is None:
-        with torch.no_grad():
-            logits = classifier(x)
-    classes = logits.argmax(1).detach()
-    if kind == "jsd":
-        return torch.cat([x, logit_gradient(classifier, x, classes, logits)], 1)
-    mask = masker(x, classes, act)
-    return mask if kind == "smd" else mask * x
-
-
-def input_channels(kind: str, image_channels: int) -> int:
-    return {"smd": 1, "spd": image_channels, "id": image_channels, "jsd": 2 * image_channels}[kind]
-
-
-class DetectorCNN(nn.Module):
-    """Small binary CNN: (N,C,H,W) detector input -> (N,) logit of "adversarial". Inputs are
-    standardized per channel with statistics of the clean training inputs (``fit_scaling``):
-    a Jacobian channel is orders of magnitude smaller than an image channel."""
-
-    def __init__(self, in_channels: int, height: int, width: int):
-        super().__init__()
-        self.register_buffer("shift", torch.zeros(1, in_channels, 1, 1))
-        self.register_buffer("scale", torch.ones(1, in_channels, 1, 1))
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * (height // 4) * (width // 4), 64),
-                                  nn.ReLU(), nn.Linear(64, 1))
-
-    @torch.no_grad()
-    def fit_scaling(self, inputs: torch.Tensor) -> None:
-        self.shift.copy_(inputs.mean(dim=(0, 2, 3), keepdim=True))
-        self.scale.copy_(inputs.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-8))
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features((inputs - self.shift) / self.scale)).squeeze(1)
-
-
-def detector_pass(net: DetectorCNN, opt: torch.optim.Optimizer, inputs: torch.Tensor,
-                  labels: torch.Tensor, batch_size: int, generator: torch.Generator) -> dict[str, float]:
-    """One epoch of binary cross-entropy over (inputs, labels ∈ {0,1}), both classes weighted
-    equally (the adversarial class re-weighted by n_clean / n_adv)."""
-    n_adv = float(labels.sum())
-    pos_weight = torch.tensor((len(labels) - n_adv) / max(n_adv, 1.0), device=inputs.device)
-    net.train()
-    total, correct = 0.0, 0
-    for idx in torch.randperm(len(labels), generator=generator).split(batch_size):
-        idx = idx.to(inputs.device)
-        out = net(inputs[idx])
-        loss = F.binary_cross_entropy_with_logits(out, labels[idx], pos_weight=pos_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        total += loss.item() * len(idx)
-        correct += int(((out > 0).float() == labels[idx]).sum())
-    net.eval()
-    return {"loss": total / max(len(labels), 1), "train_acc": correct / max(len(labels), 1)}
-
-
-def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
-    return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 # --- the white-box attack of the paper -----------------------------------------------------

@@ -48,13 +48,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from defenses import cache
-from defenses import data as data_lib
-from defenses import models as model_lib
-from defenses import saliency
+from defenses.core import cache
+from defenses.core import data as data_lib
+from defenses.core import models as model_lib
+from defenses.saliency import maps as saliency
 from defenses.attacks import Attack, pgd
 from defenses.attacks.pgd import random_start
-from defenses.base import BaseModelRequest, DefenseConfigError, LossDefense
+from defenses.core.base import BaseModelRequest, DefenseConfigError, LossDefense
 from defenses.trades import kl_adversarial, trades_loss
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def cache_path(checkpoint: Path, method: str, normalization: str, data_digest: s
 
 def cached_maps(path: Path, shape: torch.Size, compute: Callable[[], torch.Tensor],
                 device: torch.device) -> torch.Tensor:
-    """The maps at ``path``, or ``compute()``'s stored there once (``defenses.cache``);
+    """The maps at ``path``, or ``compute()``'s stored there once (``defenses.core.cache``);
     maps of another shape are computed again. Returns them on ``device``."""
     return cache.cached_state(path, lambda: {"maps": compute()}, device,
                               valid=lambda state: state["maps"].shape == shape)["maps"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from defenses.base import LossDefense
+from defenses.core.base import LossDefense
 
 
 class Standard(LossDefense):

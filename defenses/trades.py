@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from defenses.attacks.base import autocast_passes, frozen_eval
-from defenses.base import DefenseConfigError, LossDefense
+from defenses.core.base import DefenseConfigError, LossDefense
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,9 +20,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from defenses import data as data_lib  # noqa: E402
+from defenses.core import data as data_lib  # noqa: E402
 from defenses.attacks import PGD  # noqa: E402
-from defenses.evaluate import benchmark  # noqa: E402
+from defenses.evaluation.benchmark import benchmark  # noqa: E402
 from orchestrator.spec import parse  # noqa: E402
 from orchestrator.training import build_setup, train# noqa: E402
 

@@ -31,13 +31,13 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from defenses import data as data_lib  # noqa: E402
-from defenses import models, registry  # noqa: E402
+from defenses.core import data as data_lib  # noqa: E402
+from defenses.core import models, registry  # noqa: E402
 from defenses.attacks import make  # noqa: E402
 from defenses.attacks.base import frozen_eval  # noqa: E402
 from defenses.attacks.detector_aware import ExtraClassCW, OrthogonalPGD  # noqa: E402
 from defenses.attacks.pgd import random_start  # noqa: E402
-from defenses.base import ThreatModel, predict_labels  # noqa: E402
+from defenses.core.base import ThreatModel, predict_labels  # noqa: E402
 
 log = logging.getLogger("adaptive_cost")
 EPS = 0.3

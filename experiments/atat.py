@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from defenses import data as data_lib  # noqa: E402
-from defenses import models as model_lib  # noqa: E402
+from defenses.core import data as data_lib  # noqa: E402
+from defenses.core import models as model_lib  # noqa: E402
 from defenses.atat import ATAT, ATATParams  # noqa: E402
-from defenses.base import NoParams, ThreatModel  # noqa: E402
-from defenses.evaluate import benchmark  # noqa: E402
+from defenses.core.base import NoParams, ThreatModel  # noqa: E402
+from defenses.evaluation.benchmark import benchmark  # noqa: E402
 from defenses.pgd_at import PGDAT, PGDATParams  # noqa: E402
 from defenses.standard import Standard  # noqa: E402
 from orchestrator.spec import parse  # noqa: E402

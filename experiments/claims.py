@@ -34,10 +34,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from defenses import attacks as attack_lib  # noqa: E402
 from defenses.attacks import PGD  # noqa: E402
-from defenses import evaluate as eval_lib  # noqa: E402
-from defenses import registry  # noqa: E402
-from defenses.base import BaseModelRequest  # noqa: E402
-from defenses.detection import craft, detection_report  # noqa: E402
+from defenses.evaluation import benchmark as eval_lib  # noqa: E402
+from defenses.core import registry  # noqa: E402
+from defenses.core.base import BaseModelRequest  # noqa: E402
+from defenses.evaluation.detection import craft, detection_report  # noqa: E402
 from orchestrator.training import ensure_base# noqa: E402
 from orchestrator.evaluate import eval_data, restore  # noqa: E402
 from orchestrator.spec import SweepSpec, parse  # noqa: E402
@@ -383,7 +383,7 @@ def write(out: Path, args, sanity_rows, ledger_rows, skipped, seconds) -> None:
             f"{', '.join(STRONG)} (APGD/FAB steps, target classes and Square queries below "
             "AutoAttack's 100 / 9 / 5000), run as one cascade; \"strongest\" appends the defense's "
             "own adaptive attacks (`adaptive` preset) to that cascade. Flags are the "
-            "gradient-masking indicators of `defenses.masking` on that evaluation.\n"]
+            "gradient-masking indicators of `defenses.evaluation.masking` on that evaluation.\n"]
     if sanity_rows:
         text += ["## Sanity check: AutoAttack vs PGD-40\n",
                  f"ε = 0.3, the first {args.sanity_samples} test images. Each column is its own "

@@ -20,9 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
-from defenses import data as data_lib  # noqa: E402
+from defenses.core import data as data_lib  # noqa: E402
 from defenses.attacks import frozen_eval  # noqa: E402
-from defenses.base import predict_labels  # noqa: E402
+from defenses.core.base import predict_labels  # noqa: E402
 from orchestrator.evaluate import load_spec_file, local_checkpoint, restore  # noqa: E402
 from orchestrator.records import load_records  # noqa: E402
 from orchestrator.spec import load, parse  # noqa: E402

@@ -46,10 +46,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from defenses import attacks as attack_lib  # noqa: E402
-from defenses import data as data_lib  # noqa: E402
+from defenses.core import data as data_lib  # noqa: E402
 from defenses.attacks.detector_aware import ExtraClassCW, OrthogonalPGD  # noqa: E402
-from defenses.detection import DetectorReport, craft, detection_report  # noqa: E402
-from defenses.evaluate import benchmark  # noqa: E402
+from defenses.evaluation.detection import DetectorReport, craft, detection_report  # noqa: E402
+from defenses.evaluation.benchmark import benchmark  # noqa: E402
 
 EPS = 0.3
 SPEC = {"dataset": "mnist5k", "model": "small_cnn", "epochs": 3, "train_samples": 2000,

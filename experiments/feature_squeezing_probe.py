@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from orchestrator.evaluate import restore, load_spec_file, eval_data, local_checkpoint  # noqa: E402
-from defenses.base import predict_labels  # noqa: E402
+from defenses.core.base import predict_labels  # noqa: E402
 from defenses.attacks import frozen_eval  # noqa: E402
 from defenses.feature_squeezing import bit_depth  # noqa: E402
 import torchattacks  # noqa: E402

@@ -29,7 +29,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from defenses.attacks import frozen_eval  # noqa: E402
-from defenses.base import predict_labels  # noqa: E402
+from defenses.core.base import predict_labels  # noqa: E402
 from orchestrator.evaluate import eval_data, load_spec_file, local_checkpoint, restore  # noqa: E402
 
 

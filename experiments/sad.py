@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from defenses import data as data_lib  # noqa: E402
+from defenses.core import data as data_lib  # noqa: E402
 from defenses.attacks import PGD, make  # noqa: E402
 from defenses.attacks.adaptive import BPDA, transfer_pgd  # noqa: E402
 from defenses.sad import SALIENCY_STEP  # noqa: E402

@@ -30,15 +30,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from defenses import data as data_lib  # noqa: E402
-from defenses import models  # noqa: E402
+from defenses.core import data as data_lib  # noqa: E402
+from defenses.core import models  # noqa: E402
 from defenses.attacks import frozen_eval, pgd  # noqa: E402
-from defenses.base import ThreatModel  # noqa: E402
-from defenses.detection import roc_auc, threshold_at_fpr  # noqa: E402
-from defenses.evaluate import benchmark  # noqa: E402
-from defenses.saliency_detector import (DETECTORS, TRAIN_ATTACKS, DetectorCNN,  # noqa: E402
-                                        SaliencyDetector, batched, craft, detection_attack,
-                                        detector_input, detector_pass, input_channels)
+from defenses.core.base import ThreatModel  # noqa: E402
+from defenses.evaluation.detection import roc_auc, threshold_at_fpr  # noqa: E402
+from defenses.evaluation.benchmark import benchmark  # noqa: E402
+from defenses.attacks.detector_training import TRAIN_ATTACKS, craft, detection_attack  # noqa: E402
+from defenses.saliency.detector_net import (DetectorCNN, batched, detector_input,  # noqa: E402
+                                           detector_pass, input_channels)
+from defenses.saliency_detector import DETECTORS, SaliencyDetector  # noqa: E402
 
 EPS = 0.3
 FPR = 0.05
@@ -64,7 +65,7 @@ def log(msg: str) -> None:
 def setup_base(out: Path):
     from orchestrator.training import ensure_base
     from orchestrator.spec import parse
-    from defenses.base import BaseModelRequest
+    from defenses.core.base import BaseModelRequest
 
     spec = parse(SPEC)
     base = ensure_base(spec, BaseModelRequest("standard"), out / "run", torch.device("cpu"))

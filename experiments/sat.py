@@ -6,7 +6,7 @@ PGD-SAT (and TRADES vs TRADES-SAT) at equal epochs, with the training cost of ea
 
 Every model is trained by ``run_trial`` (the sweep's own loop; teachers are the orchestrator's
 cached base models) and evaluated here on the first ``--eval`` test images at L∞ ε = 0.1 and
-0.3 by the cascade fgsm → pgd-40 → pgd_cw-30 (``defenses.evaluate.benchmark``), plus
+0.3 by the cascade fgsm → pgd-40 → pgd_cw-30 (``defenses.evaluation.benchmark.benchmark``), plus
 square-1000 on the first ``--square`` images at ε = 0.3 for the comparison table. Results are
 kept in RUN_DIR/results.json, so an interrupted run resumes where it stopped.
 """
@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from defenses import data as data_lib  # noqa: E402
-from defenses import models as model_lib  # noqa: E402
-from defenses import registry  # noqa: E402
-from defenses.base import BaseModelRequest  # noqa: E402
-from defenses.evaluate import benchmark  # noqa: E402
+from defenses.core import data as data_lib  # noqa: E402
+from defenses.core import models as model_lib  # noqa: E402
+from defenses.core import registry  # noqa: E402
+from defenses.core.base import BaseModelRequest  # noqa: E402
+from defenses.evaluation.benchmark import benchmark  # noqa: E402
 from orchestrator.training import ensure_base# noqa: E402
 from orchestrator.spec import parse  # noqa: E402
 from orchestrator.trial import LocalReporter, run_trial# noqa: E402

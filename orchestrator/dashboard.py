@@ -27,7 +27,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from defenses import registry
+from defenses.core import registry
 from orchestrator.records import COMPLETED, FAILED, RUNNING, TrialRecord
 from orchestrator.stats import accuracy_interval
 

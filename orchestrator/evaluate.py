@@ -7,7 +7,7 @@ CHECKPOINT is a trial checkpoint (the ``checkpoint.pt`` file or its folder) as `
 writes it. The trial is rebuilt from it: the sweep spec comes from ``--spec`` or from the
 ``spec.json`` of the run directory above the checkpoint (its ``bases/`` hold the base models
 the defense starts from, so nothing is retrained), the defense and its hyperparameters from
-the checkpoint's ``meta``. Then ``defenses.evaluate.evaluate`` runs: one cascade per ε and the
+the checkpoint's ``meta``. Then ``defenses.evaluation.benchmark.evaluate`` runs: one cascade per ε and the
 gradient-masking checks. Bad input (unknown attack or preset, ε outside [0,1], a threat model
 the attacks do not support, a checkpoint that does not match the model/dataset) is one line on
 stderr and exit code 2, before anything expensive runs.
@@ -34,10 +34,10 @@ import pandas as pd
 import torch
 import yaml
 
-from defenses import evaluate as eval_lib
-from defenses import registry
-from defenses.base import DefenseConfigError
-from defenses.data import DatasetError, as_float
+from defenses.evaluation import benchmark as eval_lib
+from defenses.core import registry
+from defenses.core.base import DefenseConfigError
+from defenses.core.data import DatasetError, as_float
 from orchestrator.cli import BadInput, OneLineParser, complain
 from orchestrator.aggregate import fronts_by_eps, front_layers, merge_runs, reaches_front
 from orchestrator.outdir import overwrite_problem

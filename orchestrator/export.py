@@ -31,7 +31,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from defenses.cache import atomic_write
+from defenses.core.cache import atomic_write
 from orchestrator.aggregate import (DEFAULT_OBJECTIVES, ci_columns, curve_columns, flagged_mask,
                                     fronts_by_eps, knee, on_front_within_ci, pareto_front,
                                     with_suspect)

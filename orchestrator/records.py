@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from defenses.cache import atomic_write
+from defenses.core.cache import atomic_write
 from orchestrator.stats import accuracy_interval
 
 COMPLETED = "completed"
@@ -64,7 +64,7 @@ class TrialRecord:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def set_evaluation(self, report: Any, metrics: dict[str, float] | None = None) -> None:
-        """Take the numbers of a ``defenses.evaluate.Report`` (the primary ε's accuracies, its
+        """Take the numbers of a ``defenses.evaluation.benchmark.Report`` (the primary ε's accuracies, its
         cascade, the curve, the masking flags and their evidence), keeping training-time
         flags; ``metrics`` are added to the report's evidence. The one mapping from an
         evaluation to a record, for the trial and for the final re-evaluation alike."""
@@ -115,7 +115,7 @@ class TrialRecord:
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """``payload`` as JSON at ``path``, written atomically (``defenses.cache.atomic_write``)."""
+    """``payload`` as JSON at ``path``, written atomically (``defenses.core.cache.atomic_write``)."""
     text = json.dumps(payload, indent=1, default=_json_default)
     atomic_write(path, lambda tmp: tmp.write_text(text))
 

@@ -11,11 +11,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from defenses import data as data_lib
-from defenses import evaluate as eval_lib
-from defenses import models as model_lib
-from defenses import registry
-from defenses.base import DefenseConfigError, ThreatModel
+from defenses.core import data as data_lib
+from defenses.evaluation import benchmark as eval_lib
+from defenses.core import models as model_lib
+from defenses.core import registry
+from defenses.core.base import DefenseConfigError, ThreatModel
 from orchestrator.cli import BadInput
 
 TRAIN_KEYS = ("lr", "weight_decay")  # hyperparameters of the optimizer, not of the defense
@@ -40,7 +40,7 @@ class ThreatSpec(_Strict):
     # fraction of clean inputs every detector may reject: its threshold is set at this FPR on
     # the validation split (SweepSpec.validation_samples); a detector's own fpr overrides it
     fpr: float = 0.05
-    # --- evaluation only (defenses.evaluate): attacks may also name presets (fast, standard,
+    # --- evaluation only (defenses.evaluation.benchmark): attacks may also name presets (fast, standard,
     # adaptive, paper) and AutoAttack's components (apgd_ce-100, apgd_t-50x3, fab_t-100)
     eval_eps: list[float] | None = None       # robustness curve; None: the dataset's default ε
     # test images at the other ε of the curve (bounds its cost to ~0.4× the primary ε's each

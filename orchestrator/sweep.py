@@ -32,7 +32,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own console table sta
 # Short MNIST epochs checkpoint often by design; Tune's advice about it is noise here.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
-from defenses import data as data_lib  # noqa: E402
+from defenses.core import data as data_lib  # noqa: E402
 from orchestrator import outdir  # noqa: E402
 from orchestrator.cli import EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, EXIT_INTERRUPTED, BadInput  # noqa: E402
 from orchestrator.spec import SweepSpec, build_space, load, space_module  # noqa: E402

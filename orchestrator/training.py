@@ -20,11 +20,11 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 import torch
 import torch.nn as nn
 
-from defenses import cache
-from defenses import data as data_lib
-from defenses import models as model_lib
-from defenses import registry
-from defenses.base import BaseModelRequest, Defense
+from defenses.core import cache
+from defenses.core import data as data_lib
+from defenses.core import models as model_lib
+from defenses.core import registry
+from defenses.core.base import BaseModelRequest, Defense
 from orchestrator.records import TrialRecord
 from orchestrator.spec import SweepSpec, split_hp
 
@@ -171,7 +171,7 @@ def ensure_base(spec: SweepSpec, request: BaseModelRequest, run_dir: Path | None
                 device: torch.device) -> Path:
     """The checkpoint of the base model ``request`` names, trained with this module's loop
     the first time any trial of the run asks for it and read from ``RUN_DIR/bases`` after
-    (``defenses.cache.build_once``: concurrent trials wait instead of training twice)."""
+    (``defenses.core.cache.build_once``: concurrent trials wait instead of training twice)."""
     folder = Path(run_dir or tempfile.gettempdir()) / "bases" / base_key(spec, request)
 
     def build(tmp: Path) -> None:

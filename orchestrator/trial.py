@@ -2,7 +2,7 @@
 
 Build data, model and defense (``orchestrator.training``); train epoch by epoch, checkpointing
 and reporting after each (so Tune can resume a trial); evaluate with
-``defenses.evaluate.evaluate``; report the final ``TrialRecord``. A reporter decides where reports and checkpoints go: Tune's
+``defenses.evaluation.benchmark.evaluate``; report the final ``TrialRecord``. A reporter decides where reports and checkpoints go: Tune's
 session in a sweep, Ray Train's in a data-parallel trial, a local folder from plain Python
 (tests, notebooks). A ``Parallel`` decides how the loop is spread over processes: one process
 (``SingleProcess``) or one rank of a data-parallel group (``orchestrator.distributed``); the
@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 import torch
 
-from defenses import data as data_lib
-from defenses.base import TrainingDiverged
+from defenses.core import data as data_lib
+from defenses.core.base import TrainingDiverged
 from orchestrator.records import COMPLETED, FAILED, TrialRecord
 from orchestrator.spec import SweepSpec
 from orchestrator.training import (CHECKPOINT_FILE, Parallel, SingleProcess, TrialSetup,
@@ -157,8 +157,8 @@ def new_record(config: dict[str, Any], spec: SweepSpec, trial_id: str) -> TrialR
 
 
 def _evaluate(s: TrialSetup):
-    """``defenses.evaluate.evaluate``: every ε of the curve, then the gradient-masking checks."""
-    from defenses.evaluate import EvalSpec, evaluate
+    """``defenses.evaluation.benchmark.evaluate``: every ε of the curve, then the gradient-masking checks."""
+    from defenses.evaluation.benchmark import EvalSpec, evaluate
 
     n = s.spec.eval_samples or len(s.data.test_y)
     x = data_lib.as_float(s.data.test_x[:n], s.device)

@@ -23,7 +23,7 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def mnist():
-    from defenses import data
+    from defenses.core import data
 
     return data.load("mnist5k")
 
@@ -31,7 +31,7 @@ def mnist():
 @pytest.fixture(scope="session")
 def trained_cnn(mnist):
     """small_cnn after one epoch of standard training on mnist5k (≈97 % clean), eval mode."""
-    from defenses import data, models
+    from defenses.core import data, models
 
     # one thread: the float reduction order, and so the weights, must not depend on how many
     # threads the tests that ran before left set (run_trial sets its own)
@@ -55,7 +55,7 @@ def trained_cnn(mnist):
 def cnn_first_1000(mnist):
     """small_cnn after one epoch on the first 1,000 training images, eval mode: a classifier a
     detector guards, leaving the other 3,000 training images unseen (validation, checks)."""
-    from defenses import data, models
+    from defenses.core import data, models
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as trained_cnn: weights independent of earlier tests' threads

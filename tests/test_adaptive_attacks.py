@@ -146,7 +146,7 @@ def test_transfer_crafts_on_the_surrogate_only(trained_cnn, batch):
 
 
 def test_smooth_relu_gives_an_input_gradient_a_derivative_only_inside_the_block(trained_cnn, batch):
-    from defenses import models
+    from defenses.core import models
     from defenses.attacks.adaptive import smooth_relu
 
     def curvature(model, x):

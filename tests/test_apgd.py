@@ -5,7 +5,7 @@ import torch
 
 from defenses.attacks.apgd import APGD, checkpoints, dlr
 from defenses.attacks.external import torchattacks
-from defenses.evaluate import make_attack
+from defenses.evaluation.benchmark import make_attack
 
 EPS = 0.1  # the 1-epoch standard CNN is partly robust here: a comparison that can fail
 

@@ -12,13 +12,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from captum.attr import LayerGradCam
 
-from defenses import models, registry
+from defenses.core import models, registry
 from defenses.atat import (ATAT, ATATParams, atat_loss, attention_loss, cam_and_logits,
                            load_teacher, logit_pairing_loss, normalized_attention,
                            teacher_attention)
-from defenses.base import DefenseConfigError, ThreatModel
+from defenses.core.base import DefenseConfigError, ThreatModel
 from defenses.pgd_at import PGDAT, PGDATParams
-from defenses.saliency import grad_cam
+from defenses.saliency.maps import grad_cam
 
 THREAT = ThreatModel(eps=0.3, train_steps=2)
 
@@ -55,7 +55,7 @@ class WrongAttention(Tiny):
 @pytest.fixture(scope="module")
 def cnn():
     """small_cnn after a few Adam steps on 256 mnist5k images: enough for non-trivial maps."""
-    from defenses import data
+    from defenses.core import data
 
     torch.manual_seed(0)
     ds = data.load("mnist5k")

@@ -99,7 +99,7 @@ def test_pgd_under_autocast_matches_full_precision_strength(trained_cnn, batch, 
 
 
 def test_threat_model_refuses_an_unknown_precision():
-    from defenses.base import ThreatModel
+    from defenses.core.base import ThreatModel
 
     with pytest.raises(ValueError, match="valid: fp32, bf16, fp16"):
         ThreatModel(eps=0.3, train_precision="fp8")
@@ -111,8 +111,8 @@ def test_threat_model_refuses_an_unknown_precision():
     (["fgsm", "pgd-40", "apgd_t-50x3"], 50), (["cw-70", "square-5000"], 70), (["paper"], 20)])
 def test_one_budget_rule_for_every_defense_s_adaptive_attacks(specs, steps):
     # SAD's adaptive PGD and the detectors' detector-aware attacks read the same rule
-    from defenses import models
-    from defenses.base import ThreatModel
+    from defenses.core import models
+    from defenses.core.base import ThreatModel
     from defenses.feature_squeezing import FeatureSqueezing
     from defenses.sad import SAD
 

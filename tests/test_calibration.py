@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from defenses import attacks, data, models
-from defenses.base import DefenseConfigError, ThreatModel
-from defenses.detection import craft, detection_report, detector_metrics
+from defenses import attacks
+from defenses.core import data, models
+from defenses.core.base import DefenseConfigError, ThreatModel
+from defenses.evaluation.detection import craft, detection_report, detector_metrics
 from defenses.feature_squeezing import FeatureSqueezing
 from defenses.gradcam_detector import GradCAMDetector
 from defenses.saliency_detector import SaliencyDetector
@@ -56,7 +57,7 @@ def test_validation_split_is_disjoint_and_the_default_training_images_are_unchan
 
 
 def test_base_models_train_without_the_validation_split():
-    from defenses.base import BaseModelRequest
+    from defenses.core.base import BaseModelRequest
     from orchestrator.training import base_key
     from orchestrator.spec import load
 
@@ -229,7 +230,7 @@ def test_detector_metrics_columns(mnist, base):
 def test_the_realized_fpr_is_measured_on_every_test_image_given(mnist, base):
     """A trial attacks 300 points but its FPR comes from the whole test split: at 5 %, 300
     images leave a ±2.5-point interval, wider than the ±2 points the FPR is held to."""
-    from defenses.evaluate import EvalSpec, evaluate
+    from defenses.evaluation.benchmark import EvalSpec, evaluate
     from orchestrator.records import TrialRecord
     from orchestrator.stats import wilson_interval
 

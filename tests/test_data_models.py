@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from defenses import data, models
+from defenses.core import data, models
 
 
 def test_mnist5k_split_is_seeded_and_in_unit_range(mnist):

@@ -9,9 +9,9 @@ import torch.nn as nn
 from defenses.attacks.detector_aware import (ExtraClassCW, JointSquare, OrthogonalPGD,
                                              _remove_component, cw_loss, defended_margin,
                                              extra_class_logits)
-from defenses.base import ThreatModel
-from defenses.detection import (GuardDetector, detection_rate, detection_report, roc_auc,
-                                threshold_at_fpr, tpr_at_fpr)
+from defenses.core.base import ThreatModel
+from defenses.core.detector import GuardDetector
+from defenses.evaluation.detection import (detection_rate, detection_report, roc_auc, threshold_at_fpr, tpr_at_fpr)
 from defenses.gradcam_detector import GradCAMDetector
 
 EPS = 0.3

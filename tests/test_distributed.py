@@ -24,9 +24,9 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import yaml
 
-from defenses import data as data_lib
-from defenses import models, registry
-from defenses.base import ThreatModel
+from defenses.core import data as data_lib
+from defenses.core import models, registry
+from defenses.core.base import ThreatModel
 from orchestrator import sweep
 from orchestrator.distributed import TorchDistributed, convert_sync_batchnorm, shard_bounds
 from orchestrator.spec import SpecError, parse

@@ -1,4 +1,4 @@
-"""defenses.evaluate: presets, attack names, the cascade, robustness curves and their columns,
+"""defenses.evaluation.benchmark: presets, attack names, the cascade, robustness curves and their columns,
 and how they reach the sweep's CSVs (records, spec, aggregate/export)."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from defenses import evaluate as ev
+from defenses.evaluation import benchmark as ev
 from defenses.attacks import PGD
-from defenses.base import Defense, Prediction, ThreatModel
+from defenses.core.base import Defense, Prediction, ThreatModel
 from orchestrator import export
 from orchestrator.aggregate import curve_columns, fronts_by_eps, parse_eps_label, pareto_front
 from orchestrator.records import TrialRecord
@@ -97,7 +97,7 @@ def test_check_paper_decides_from_the_class_alone():
 
 
 def test_every_registered_defense_but_standard_has_a_paper_setting():
-    from defenses import models, registry
+    from defenses.core import models, registry
 
     without = []
     for name in registry.names():

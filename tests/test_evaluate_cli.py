@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from defenses import masking
+from defenses.evaluation import masking
 import pandas as pd
 
 from orchestrator import evaluate as cli

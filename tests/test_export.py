@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from orchestrator import export
-from defenses.cache import atomic_write
+from defenses.core.cache import atomic_write
 from orchestrator.export import export_all, write_csv, write_manifest
 from orchestrator.records import TrialRecord
 

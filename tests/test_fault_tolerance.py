@@ -20,7 +20,7 @@ import yaml
 
 import psutil  # noqa: E402
 
-from defenses import registry
+from defenses.core import registry
 from orchestrator import sweep
 from orchestrator.training import base_key
 from orchestrator.spec import parse

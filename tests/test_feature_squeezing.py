@@ -4,8 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from defenses import data, models
-from defenses.base import DefenseConfigError, ThreatModel
+from defenses.core import data, models
+from defenses.core.base import DefenseConfigError, ThreatModel
 from defenses.feature_squeezing import (FeatureSqueezing, bit_depth, median_filter,
                                         non_local_means)
 

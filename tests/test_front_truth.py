@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from defenses.evaluate import EvalResult, monotone_in_eps
+from defenses.evaluation.benchmark import EvalResult, monotone_in_eps
 from orchestrator.aggregate import front_layers, on_front_within_ci, reaches_front
 from orchestrator.records import TrialRecord
 from orchestrator.stats import accuracy_interval, wilson_interval
@@ -121,8 +121,8 @@ def test_the_sweep_cli_rejects_a_bad_final_eval_with_exit_2(capsys, tmp_path):
 
 
 def test_paper_for_a_defense_without_a_paper_setting_stops_the_spec():
-    from defenses import registry
-    from defenses.evaluate import EvalConfigError, check_paper
+    from defenses.core import registry
+    from defenses.evaluation.benchmark import EvalConfigError, check_paper
     from orchestrator.spec import SpecError, parse
 
     without = [d for d in registry.names()

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from defenses import attacks, models
-from defenses.base import DefenseConfigError, ThreatModel
-from defenses.data import Dataset
-from defenses.detection import craft, detection_report
+from defenses import attacks
+from defenses.core import models
+from defenses.core.base import DefenseConfigError, ThreatModel
+from defenses.core.data import Dataset
+from defenses.evaluation.detection import craft, detection_report
 from defenses.gradcam_detector import (GradCAMDetector, color_reverse, emphasis_image,
                                        normalized_cam, zero_mean)
 

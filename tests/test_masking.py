@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from defenses import masking
-from defenses.base import Defense, Prediction, ThreatModel
-from defenses.evaluate import EvalResult, EvalSpec, benchmark, evaluate
+from defenses.evaluation import masking
+from defenses.core.base import Defense, Prediction, ThreatModel
+from defenses.evaluation.benchmark import EvalResult, EvalSpec, benchmark, evaluate
 
 EPS = 0.3
 N = 100

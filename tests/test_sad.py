@@ -7,11 +7,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from defenses import data as data_lib
-from defenses import models, registry
+from defenses.core import data as data_lib
+from defenses.core import models, registry
 from defenses.attacks import PGD
-from defenses.base import BaseModelRequest, DefenseConfigError, ThreatModel
-from defenses.evaluate import benchmark
+from defenses.core.base import BaseModelRequest, DefenseConfigError, ThreatModel
+from defenses.evaluation.benchmark import benchmark
 from defenses.sad import SAD, SADParams, adapt_bn, normalize_map, saliency
 
 EPS = 0.3

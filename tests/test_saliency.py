@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from captum.attr import GuidedBackprop, Saliency
 
-from defenses import saliency
+from defenses.saliency import maps as saliency
 
 
 class Tiny(nn.Module):
@@ -77,7 +77,7 @@ def test_guided_backprop_matches_captum(tiny, batch):
 
 
 def test_guided_backprop_matches_captum_on_small_cnn():
-    from defenses import models
+    from defenses.core import models
 
     torch.manual_seed(0)
     model = models.build("small_cnn", 10, 1).eval()   # in-place ReLU modules, BatchNorm

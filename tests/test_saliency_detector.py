@@ -7,16 +7,15 @@ import dataclasses
 import pytest
 import torch
 
-from defenses import data as data_lib
-from defenses import models, registry
+from defenses.core import data as data_lib
+from defenses.core import models, registry
 from defenses.attacks import pgd
 from defenses.attacks.detector_aware import OrthogonalPGD
-from defenses.base import DefenseConfigError, ThreatModel
-from defenses.saliency_detector import (AlternatingWhiteBox, DetectorCNN, SaliencyDetector,
-                                        deepfool, detection_attack, detector_input,
-                                        input_channels)
-from defenses.saliency_masking import (MaskingModel, SaliencyLossWeights, evaluate_masking_model,
-                                       train_masking_model)
+from defenses.core.base import DefenseConfigError, ThreatModel
+from defenses.saliency_detector import AlternatingWhiteBox, SaliencyDetector
+from defenses.saliency.detector_net import DetectorCNN, detector_input, input_channels
+from defenses.attacks.detector_training import deepfool, detection_attack
+from defenses.saliency.masking import (MaskingModel, SaliencyLossWeights, evaluate_masking_model, train_masking_model)
 
 EPS = 0.3
 THREAT = ThreatModel(eps=EPS)

@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
-from defenses import data as data_lib
-from defenses import models, saliency
+from defenses.core import data as data_lib
+from defenses.core import models
+from defenses.saliency import maps as saliency
 from defenses import sat as sat_lib
-from defenses.base import BaseModelRequest, DefenseConfigError, ThreatModel
+from defenses.core.base import BaseModelRequest, DefenseConfigError, ThreatModel
 from defenses.sat import SAT, SATParams, sat_examples, saliency_noise
 
 THREAT = ThreatModel(eps=0.3, train_steps=2)
@@ -74,7 +75,7 @@ def test_normalizations():
 
 # --- configuration -------------------------------------------------------------------------
 def test_registered_with_its_search_space():
-    from defenses import registry
+    from defenses.core import registry
     from search_spaces import sat as space
 
     assert registry.get("sat") is SAT

@@ -19,7 +19,7 @@ def test_presets_are_valid():
 
 
 def test_default_preset_sweeps_every_registered_defense_twice():
-    from defenses import registry
+    from defenses.core import registry
 
     spec = load(preset="default")
     assert sorted(spec.defenses) == registry.names()
@@ -85,7 +85,7 @@ def test_a_defense_that_cannot_use_the_model_stops_at_the_spec(monkeypatch):
     # SAD needs BatchNorm, ATAT an attention layer: checked on the spec's model before Ray starts
     import torch.nn as nn
 
-    from defenses import models as model_lib
+    from defenses.core import models as model_lib
 
     class Plain(nn.Module):
         def forward(self, x):

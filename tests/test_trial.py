@@ -4,8 +4,8 @@ import copy
 import pytest
 import torch
 
-from defenses import registry
-from defenses.base import ThreatModel
+from defenses.core import registry
+from defenses.core.base import ThreatModel
 from defenses.fgsm_rs import FGSMRS
 from orchestrator.records import COMPLETED, FAILED
 from orchestrator.spec import parse

@@ -3,7 +3,7 @@ main budget, steps or Square's queries) or ``kind-NxK`` (K: target classes, for 
 kinds): ``fgsm``, ``pgd-40``, ``pgd_cw-30`` (PGD on the C&W margin), ``mim-10``, ``cw-50``
 (C&W-L2), ``deepfool-50``, ``square-1000``, ``autoattack``, and AutoAttack's components
 ``apgd_ce-100``, ``apgd_dlr-100``, ``apgd_t-100x9``, ``fab_t-100x9``. The fixed presets (lists
-of names) are here too; ``defenses.evaluate`` adds the ones a defense decides (adaptive, paper)."""
+of names) are here too; ``defenses.evaluation.benchmark`` adds the ones a defense decides (adaptive, paper)."""
 from __future__ import annotations
 
 import re

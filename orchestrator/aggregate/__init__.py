@@ -80,7 +80,7 @@ def with_suspect(df: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------------------- curve columns
 
 def parse_eps_label(label: str) -> float:
-    """``"0.3"`` -> 0.3, ``"8/255"`` -> 8/255 (the spellings of defenses.evaluate.eps_label)."""
+    """``"0.3"`` -> 0.3, ``"8/255"`` -> 8/255 (the spellings of defenses.evaluation.benchmark.eps_label)."""
     num, _, den = label.partition("/")
     return float(num) / float(den) if den else float(num)
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from defenses import attacks as attack_lib
-from defenses.data import Dataset
+from defenses.core.data import Dataset
 
 if TYPE_CHECKING:
     from defenses.attacks import Attack

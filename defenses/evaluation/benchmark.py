@@ -12,7 +12,7 @@ Two entry points, one library:
   see ``defense.predictor()``, not a bare network), so it is not a separate argument; ``spec``
   (``EvalSpec``) is the threat model as the evaluation sees it: the ε list (primary first),
   attacks/presets, norm and the gradient-masking checks. It runs ``benchmark`` once per ε
-  and then ``defenses.masking.check``. The sweep's trials, the sweep's final re-evaluation
+  and then ``defenses.evaluation.masking.check``. The sweep's trials, the sweep's final re-evaluation
   and ``python -m orchestrator.evaluate`` all call it.
 
 Cascade (AutoAttack style): each attack only sees the points every earlier attack failed to
@@ -57,10 +57,10 @@ from typing import Any, Callable, Sequence, Union
 import torch
 
 from defenses import attacks as attack_lib
-from defenses import masking as masking_lib
+from defenses.evaluation import masking as masking_lib
 from defenses.attacks import Attack, check_images, frozen_eval
-from defenses.base import Defense, predict_labels
-from defenses.results import EvalResult
+from defenses.core.base import Defense, predict_labels
+from defenses.evaluation.results import EvalResult
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +379,7 @@ def evaluate(defense: Defense, data: tuple[torch.Tensor, torch.Tensor], spec: Ev
              known: dict[float, torch.Tensor] | None = None,
              fpr_images: torch.Tensor | None = None) -> Report:
     """Every ε of ``spec`` (same seed for each, so curves compare like with like), then the
-    gradient-masking checks of ``defenses.masking`` on their bounded subset. ``known``: per ε,
+    gradient-masking checks of ``defenses.evaluation.masking`` on their bounded subset. ``known``: per ε,
     the points an earlier evaluation of the same model broke (``Report.broken()`` of it; see
     ``benchmark``): the sweep's final evaluation starts from what the search already found.
     ``fpr_images``: clean test images a detector's realized FPR is measured on (default: the

@@ -40,7 +40,7 @@ point of a small subset raises nothing.
 Every check attack that runs at the primary ε is also evidence: the points it breaks are
 returned in ``MaskingReport.broken`` (Square, the transfer PGD, the PGD-5/PGD-20 of the steps
 check, and the large-ε PGD's adversarials projected back onto the ε ball, a free extra start),
-and ``defenses.evaluate.evaluate`` lowers robust accuracy by them. A flag is a warning; a
+and ``defenses.evaluation.benchmark.evaluate`` lowers robust accuracy by them. A flag is a warning; a
 broken point is a fact."""
 from __future__ import annotations
 
@@ -52,12 +52,12 @@ from typing import TYPE_CHECKING, Callable, Mapping, Optional
 import torch
 
 from defenses.attacks import PGD, Attack, frozen_eval
-from defenses.base import predict_labels
+from defenses.core.base import predict_labels
 from defenses.attacks.pgd import cw_margin_loss
-from defenses.results import EvalResult
+from defenses.evaluation.results import EvalResult
 
 if TYPE_CHECKING:
-    from defenses.base import Defense
+    from defenses.core.base import Defense
 
 log = logging.getLogger(__name__)
 

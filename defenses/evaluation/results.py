@@ -1,5 +1,5 @@
-"""The result of evaluating a defense at one ε: what ``defenses.evaluate`` produces and the
-gradient-masking checks (``defenses.masking``) read, in a module of its own so neither imports
+"""The result of evaluating a defense at one ε: what ``defenses.evaluation.benchmark`` produces and the
+gradient-masking checks (``defenses.evaluation.masking``) read, in a module of its own so neither imports
 the other for it."""
 from __future__ import annotations
 

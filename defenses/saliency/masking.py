@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from defenses.attacks import frozen_eval
-from defenses.saliency import capture_activation
+from defenses.saliency.maps import capture_activation
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from defenses.models import attention_module
+from defenses.core.models import attention_module
 
 
 def _score(logits: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
