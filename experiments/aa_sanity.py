@@ -24,7 +24,7 @@ from defenses.core import data as data_lib  # noqa: E402
 from defenses.attacks import PGD  # noqa: E402
 from defenses.evaluation.benchmark import benchmark  # noqa: E402
 from orchestrator.spec import parse  # noqa: E402
-from orchestrator.training import build_setup, train# noqa: E402
+from orchestrator.training import build_setup, train  # noqa: E402
 
 REDUCED_AA = ["apgd_ce-50", "apgd_t-50x3", "fab_t-50x3", "square-500"]
 

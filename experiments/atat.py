@@ -30,8 +30,8 @@ from defenses.evaluation.benchmark import benchmark  # noqa: E402
 from defenses.pgd_at import PGDAT, PGDATParams  # noqa: E402
 from defenses.standard import Standard  # noqa: E402
 from orchestrator.spec import parse  # noqa: E402
-from orchestrator.trial import LocalReporter, run_trial# noqa: E402
-from orchestrator.training import CHECKPOINT_FILE# noqa: E402
+from orchestrator.trial import LocalReporter, run_trial  # noqa: E402
+from orchestrator.training import CHECKPOINT_FILE  # noqa: E402
 
 ATTACKS = ["fgsm", "pgd-40", "pgd_cw-30"]
 LAMBDA1 = [0.0, 1.0, 3.0]

@@ -38,11 +38,11 @@ from defenses.evaluation import benchmark as eval_lib  # noqa: E402
 from defenses.core import registry  # noqa: E402
 from defenses.core.base import BaseModelRequest  # noqa: E402
 from defenses.evaluation.detection import craft, detection_report  # noqa: E402
-from orchestrator.training import ensure_base# noqa: E402
+from orchestrator.training import ensure_base  # noqa: E402
 from orchestrator.evaluate import eval_data, restore  # noqa: E402
 from orchestrator.spec import SweepSpec, parse  # noqa: E402
 from orchestrator.stats import accuracy_interval  # noqa: E402
-from orchestrator.training import TrialSetup, build_setup, save_checkpoint, train# noqa: E402
+from orchestrator.training import TrialSetup, build_setup, save_checkpoint, train  # noqa: E402
 
 EPS = 0.3
 EPOCHS = 5

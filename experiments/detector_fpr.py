@@ -27,7 +27,7 @@ from orchestrator.evaluate import load_spec_file, local_checkpoint, restore  # n
 from orchestrator.records import load_records  # noqa: E402
 from orchestrator.spec import load, parse  # noqa: E402
 from orchestrator.stats import wilson_interval  # noqa: E402
-from orchestrator.training import build_setup, train# noqa: E402
+from orchestrator.training import build_setup, train  # noqa: E402
 
 
 def main() -> None:

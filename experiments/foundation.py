@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from orchestrator.spec import parse  # noqa: E402
-from orchestrator.trial import run_trial# noqa: E402
+from orchestrator.trial import run_trial  # noqa: E402
 
 
 def spec_for(epochs: int, attacks: list[str], train_steps: int):

@@ -27,9 +27,9 @@ from defenses.core import data as data_lib  # noqa: E402
 from defenses.attacks import PGD, make  # noqa: E402
 from defenses.attacks.adaptive import BPDA, transfer_pgd  # noqa: E402
 from defenses.sad import SALIENCY_STEP  # noqa: E402
-from orchestrator.training import base_key# noqa: E402
+from orchestrator.training import base_key  # noqa: E402
 from orchestrator.spec import parse  # noqa: E402
-from orchestrator.training import build_setup, train# noqa: E402
+from orchestrator.training import build_setup, train  # noqa: E402
 
 log = logging.getLogger("experiments.sad")
 DOC = Path(__file__).resolve().parents[1] / "docs" / "sad.md"

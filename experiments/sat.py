@@ -27,10 +27,10 @@ from defenses.core import models as model_lib  # noqa: E402
 from defenses.core import registry  # noqa: E402
 from defenses.core.base import BaseModelRequest  # noqa: E402
 from defenses.evaluation.benchmark import benchmark  # noqa: E402
-from orchestrator.training import ensure_base# noqa: E402
+from orchestrator.training import ensure_base  # noqa: E402
 from orchestrator.spec import parse  # noqa: E402
-from orchestrator.trial import LocalReporter, run_trial# noqa: E402
-from orchestrator.training import CHECKPOINT_FILE# noqa: E402
+from orchestrator.trial import LocalReporter, run_trial  # noqa: E402
+from orchestrator.training import CHECKPOINT_FILE  # noqa: E402
 
 ATTACKS = ["fgsm", "pgd-40", "pgd_cw-30"]
 EVAL_EPS = (0.1, 0.3)

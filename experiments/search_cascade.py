@@ -30,7 +30,7 @@ from defenses.attacks import frozen_eval  # noqa: E402
 from defenses.core.base import predict_labels  # noqa: E402
 from defenses.evaluation.benchmark import benchmark  # noqa: E402
 from orchestrator.spec import PRESETS, build_space, parse  # noqa: E402
-from orchestrator.training import build_setup, train# noqa: E402
+from orchestrator.training import build_setup, train  # noqa: E402
 
 CANDIDATES = {
     "fgsm+pgd-20 (before)": ["fgsm", "pgd-20"],
