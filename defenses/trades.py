@@ -7,7 +7,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from defenses.attacks.base import autocast_passes, frozen_eval
+from defenses.attacks.base import autocast_passes, frozen_eval, input_gradient
 from defenses.core.base import DefenseConfigError, LossDefense
 
 
@@ -30,7 +30,7 @@ def kl_adversarial(model, x: torch.Tensor, eps: float, alpha: float, steps: int,
         for _ in range(steps):
             x_adv.requires_grad_(True)
             kl = F.kl_div(F.log_softmax(logits(x_adv), dim=1), p_clean, reduction="sum")
-            grad, = torch.autograd.grad(kl, x_adv)
+            grad = input_gradient(kl, x_adv, autocast)
             with torch.no_grad():
                 x_adv = x_adv + alpha * grad.sign()
                 x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)

@@ -43,7 +43,8 @@ from orchestrator.aggregate import fronts_by_eps, front_layers, merge_runs, reac
 from orchestrator.outdir import overwrite_problem
 from orchestrator.records import TrialRecord, load_records, save_record, write_json_atomic
 from orchestrator.spec import SpecError, SweepSpec, parse
-from orchestrator.training import CHECKPOINT_FILE, TrialSetup, all_test_images, build_setup, load_checkpoint, saved_broken
+from orchestrator.training import (CHECKPOINT_FILE, NoGPU, TrialSetup, all_test_images, build_setup,
+                                   choose_device, load_checkpoint, saved_broken)
 
 log = logging.getLogger("orchestrator.evaluate")
 SPEC_FILE = "spec.json"
@@ -231,14 +232,12 @@ def reevaluate(record: dict[str, Any], spec: dict[str, Any], run_dir: str,
     The points the search-time evaluation broke (stored in the checkpoint) stay broken and are
     not attacked again, as in a cascade: the final numbers are the worst case over both
     evaluations, and the final attacks' time goes to the points the search left robust."""
-    from orchestrator.training import choose_device
-
     rec, sweep = TrialRecord.from_dict(record), SweepSpec.model_validate(spec)
     torch.set_num_threads(max(1, int(sweep.resources.cpus_per_trial)))
     try:
         s = restore(local_checkpoint(rec.checkpoint), sweep, Path(run_dir),
                     choose_device(sweep.resources.gpus_per_trial))
-    except EvaluateError as e:
+    except (EvaluateError, NoGPU) as e:
         log.error("trial %s not re-evaluated: %s", rec.trial_id, e)
         rec.error = f"final evaluation: {e}"
         return rec.to_dict()

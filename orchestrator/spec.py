@@ -112,6 +112,11 @@ class ResourceSpec(_Strict):
             raise ValueError(f"gpus_per_trial={self.gpus_per_trial:g} with workers_per_trial="
                              f"{self.workers_per_trial}: the ranks of one trial cannot share a GPU "
                              "(NCCL); use gpus_per_trial: 1, or one worker per trial to share GPUs")
+        if self.gpus_per_trial > 1:
+            # one training process drives one GPU (no DataParallel): the others would sit idle
+            raise ValueError(f"gpus_per_trial={self.gpus_per_trial:g}: one training process uses "
+                             "one GPU; for a trial on several GPUs set gpus_per_trial: 1 and "
+                             f"workers_per_trial: {math.ceil(self.gpus_per_trial)} (data-parallel)")
         return self
 
     def trial_cpus(self) -> float:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -95,8 +96,22 @@ class TrialSetup:
     scheduler: Any
 
 
+class NoGPU(RuntimeError):
+    """A trial given GPUs in a process that cannot see one."""
+
+
 def choose_device(gpus: float) -> torch.device:
-    return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+    """CUDA when the trial holds GPUs, else the CPU. A trial granted GPUs whose process sees
+    no CUDA device (a CPU-only torch, CUDA_VISIBLE_DEVICES emptied, a driver mismatch) is an
+    error: training it on the CPU instead would be silent and many times slower."""
+    if gpus <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise NoGPU(f"gpus_per_trial={gpus:g} but this process sees no CUDA device "
+                    f"(torch {torch.__version__}, CUDA build {torch.version.cuda}, "
+                    f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+                    "install a CUDA build of torch on the GPU nodes, or set gpus_per_trial: 0")
+    return torch.device("cuda")
 
 
 def build_setup(spec: SweepSpec, defense_name: str, hp: dict[str, Any], device: torch.device,

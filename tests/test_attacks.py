@@ -7,7 +7,9 @@ from defenses.attacks import check_images, pgd
 EPS = 0.3
 # every registered attack kind, with a small budget so the registry-wide test stays fast
 BUDGETS = {"fgsm": "fgsm", "pgd": "pgd-10", "pgd_cw": "pgd_cw-10", "mim": "mim-5", "cw": "cw-20",
-           "deepfool": "deepfool-10", "square": "square-200", "autoattack": "autoattack"}
+           "deepfool": "deepfool-10", "square": "square-200", "autoattack": "autoattack",
+           "apgd_ce": "apgd_ce-10", "apgd_dlr": "apgd_dlr-10", "apgd_t": "apgd_t-10x2",
+           "fab_t": "fab_t-10x2"}
 
 
 def accuracy(model, x, y):
@@ -121,3 +123,51 @@ def test_one_budget_rule_for_every_defense_s_adaptive_attacks(specs, steps):
     sad = SAD(models.build("small_cnn", 10, 1), SAD.make_params({}), threat)
     fs = FeatureSqueezing(models.build("small_cnn", 10, 1), FeatureSqueezing.make_params({}), threat)
     assert sad.adaptive_steps() == fs.adaptive_budget() == steps
+
+
+def test_random_starts_draw_on_the_generator_s_device_and_land_on_the_input_s():
+    # a CPU generator with CUDA inputs (the benches pass one) must not raise; on the meta
+    # device, which has no generator of its own, the draw must come from the CPU generator
+    from defenses.attacks.base import uniform_like
+    from defenses.attacks.pgd import random_start
+
+    x = torch.zeros(2, 1, 4, 4, device="meta")
+    gen = torch.Generator().manual_seed(0)
+    before = gen.get_state().clone()
+    assert uniform_like(x, gen).device.type == "meta"
+    assert not torch.equal(gen.get_state(), before)  # drawn from this generator
+    cpu = torch.full((2, 1, 4, 4), 0.5)
+    a = random_start(cpu, 0.1, torch.Generator().manual_seed(3))
+    b = random_start(cpu, 0.1, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.abs().max() <= 0.1 + 1e-7 and a.abs().max() > 0
+
+
+def test_fp16_attack_gradients_are_not_zeroed_by_underflow(trained_cnn, batch):
+    # TRADES' first step: KL between f(x) and f(x + 0.001·noise), gradients ~1e-6 per pixel,
+    # below what an fp16 backward pass keeps. Unscaled, whole examples get a zero gradient
+    # (their pixels would not move); through input_gradient none does, in the same direction.
+    import torch.nn.functional as F
+
+    from defenses.attacks.base import autocast_passes, input_gradient
+
+    x, _ = batch
+    torch.manual_seed(0)
+    x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1).requires_grad_(True)
+
+    def kl(dtype):
+        with autocast_passes(x, dtype):
+            clean, adv = trained_cnn(x).float(), trained_cnn(x_adv).float()
+        return F.kl_div(F.log_softmax(adv, 1), F.softmax(clean, 1).detach(), reduction="sum")
+
+    def zero_examples(grad):
+        return (grad.flatten(1).abs().amax(1) == 0).float().mean().item()
+
+    raw, = torch.autograd.grad(kl(torch.float16), x_adv)
+    scaled = input_gradient(kl(torch.float16), x_adv, torch.float16)
+    full = input_gradient(kl(None), x_adv, None)
+    assert zero_examples(raw) > 0.2, zero_examples(raw)  # the case shows the underflow
+    assert zero_examples(scaled) == 0 and zero_examples(full) == 0
+    # mostly the fp32 direction, weighted by gradient mass (a random sign would give 0.5): the
+    # fp16 forward of two nearly equal inputs is itself rounded, scaled or not (measured 0.91)
+    agree = ((scaled.sign() == full.sign()) * full.abs()).sum() / full.abs().sum()
+    assert agree > 0.85, agree

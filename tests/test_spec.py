@@ -51,6 +51,9 @@ def test_default_preset_sweeps_every_registered_defense_twice():
     ({"defenses": ["fgsm_rs"], "train_samples": 200}, "fgsm_rs keeps 256 training images out of "
                                                       "training for its checks, so it needs train_samples ≥ 257"),
     ({"defenses": ["standard"], "validation_samples": -1}, "validation_samples"),
+    ({"defenses": ["standard"], "resources": {"gpus_per_trial": 2}},
+     "gpus_per_trial=2: one training process uses one GPU; for a trial on several GPUs set "
+     "gpus_per_trial: 1 and workers_per_trial: 2"),
 ])
 def test_bad_specs_name_what_is_wrong(raw, needle):
     assert needle in error_of(raw)

@@ -106,3 +106,13 @@ def test_fgsm_rs_guard_catches_a_collapse_and_restores_the_best_weights(trained_
     assert defense.stop_training and defense.flags() == {"catastrophic_overfitting": True}
     defense.finalize()
     assert all(torch.equal(model.state_dict()[k], best[k]) for k in best)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a process that sees no CUDA device")
+def test_a_trial_given_gpus_without_cuda_fails_in_one_line_instead_of_training_on_the_cpu(tmp_path):
+    spec = tiny(resources={"gpus_per_trial": 1})
+    with pytest.raises(RuntimeError) as e:
+        run_trial({"defense": "standard", "hp": {}, "spec": spec}, LocalReporter(tmp_path, "t"))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("gpus_per_trial=1 but this process sees no CUDA device")
+    assert "set gpus_per_trial: 0" in msg

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from defenses.attacks.base import Attack
+from defenses.attacks.base import Attack, uniform_like
 
 MOMENTUM = 0.75      # α of Algorithm 1
 RHO = 0.75           # a checkpoint halves the step where ≤ ρ of the window's steps raised the loss
@@ -105,7 +105,7 @@ class APGD(Attack):
         """One APGD run on (x, y); writes each point's adversarial (the misclassified iterate, or
         the best-loss one) into ``adv[where]`` and clears ``robust[where]`` for broken points."""
         loss_fn, eps = LOSSES[self.loss], self.eps
-        t = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype).mul_(2).sub_(1)
+        t = uniform_like(x, gen).mul_(2).sub_(1)
         t = t / (t.flatten(1).abs().amax(1).view(-1, *[1] * (x.dim() - 1)) + 1e-12)
         cur = (x + eps * t).clamp(0.0, 1.0)
         state = _State(x, y, target, cur, where, self.steps, eps)

@@ -40,6 +40,33 @@ def autocast_passes(x: torch.Tensor, dtype: torch.dtype | None) -> contextlib.Ab
     return torch.autocast(x.device.type, dtype=dtype)
 
 
+FP16_LOSS_SCALE = 2.0 ** 12
+
+
+def input_gradient(loss: torch.Tensor, inputs: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """∂loss/∂inputs for a sign-based attack step whose passes ran under autocast in ``dtype``.
+    In fp16 the backward pass underflows below 6e-8 and sign(0) = 0 leaves a pixel
+    unperturbed (TRADES' first KL step, ~1e-6, dies entirely), so the loss is scaled up first,
+    as AMP's GradScaler does: the sign does not see the scale. Where that overflows, the scale
+    is cut by 16 until the gradient is finite. bf16 has fp32's range and needs none."""
+    if dtype != torch.float16:
+        return torch.autograd.grad(loss, inputs)[0]
+    scale = FP16_LOSS_SCALE
+    while True:
+        grad, = torch.autograd.grad(loss * scale, inputs, retain_graph=scale > 1)
+        if scale <= 1 or bool(torch.isfinite(grad).all()):
+            return grad
+        scale /= 16
+
+
+def uniform_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """U[0, 1) noise shaped like x, on x's device. With a ``generator`` it is drawn on the
+    generator's device and moved: torch refuses a CPU generator for CUDA draws, and a seeded
+    CPU generator then gives the same start on the CPU and on any GPU."""
+    device = generator.device if generator is not None else x.device
+    return torch.rand(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
 def check_images(x: torch.Tensor, what: str = "inputs") -> None:
     """Images must lie in [0,1]; values outside are the usual sign of double normalization."""
     lo, hi = float(x.min()), float(x.max())

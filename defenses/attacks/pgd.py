@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from defenses.attacks.base import Attack, autocast_passes, frozen_eval
+from defenses.attacks.base import Attack, autocast_passes, frozen_eval, input_gradient, uniform_like
 
 
 def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -31,8 +31,7 @@ LOSSES = {"ce": ce_loss, "cw": cw_margin_loss}
 
 def random_start(x: torch.Tensor, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """A uniform point of the ε-ball around x, clipped to [0,1] (returned as the offset δ)."""
-    delta = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    delta = delta.mul_(2 * eps).sub_(eps)
+    delta = uniform_like(x, generator).mul_(2 * eps).sub_(eps)
     return (x + delta).clamp_(0.0, 1.0).sub_(x)
 
 
@@ -49,7 +48,7 @@ def pgd_steps(model: Callable, x: torch.Tensor, y: torch.Tensor, eps: float, alp
         delta.requires_grad_(True)
         with autocast_passes(x, autocast):
             logits = model(x + delta)
-        grad, = torch.autograd.grad(loss_fn(logits.float(), y), delta)
+        grad = input_gradient(loss_fn(logits.float(), y), delta, autocast)
         with torch.no_grad():
             delta = delta.add_(grad.sign_(), alpha=alpha).clamp_(-eps, eps)
             delta = (x + delta).clamp_(0.0, 1.0).sub_(x)
