@@ -67,7 +67,10 @@ class _AllReduceStats(torch.autograd.Function):
     """Sum over ranks, differentiable. Each rank back-propagates its own unweighted loss and
     the optimizer later weighs its gradients by n_r / n; so that the weighted sum over ranks is
     the global batch's gradient, the gradient reaching the statistics is Σ_r w_r g_r / w_self
-    (with equal shards this is the plain sum torch.distributed.nn would give)."""
+    (with equal shards this is the plain sum torch.distributed.nn would give). The backward is
+    itself a differentiable function (``_WeightedAllReduce``): a ``create_graph`` pass (ATAT's
+    attention loss, an input-gradient penalty) differentiates it again, and an in-place
+    all_reduce has no autograd kernel, so its second-order terms would be wrong."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
@@ -78,9 +81,25 @@ class _AllReduceStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        out = grad * ctx.weight
+        return _WeightedAllReduce.apply(grad, ctx.weight)
+
+
+class _WeightedAllReduce(torch.autograd.Function):
+    """g -> Σ_r w_r g_r / w_self (the backward of ``_AllReduceStats``). Its own backward is the
+    adjoint h -> w_self · Σ_r h_r / w_r: the derivative of Σ_s <h_s, Σ_r w_r g_r / w_s> in g."""
+
+    @staticmethod
+    def forward(ctx, grad: torch.Tensor, weight: float) -> torch.Tensor:
+        ctx.weight = weight
+        out = grad * weight
         dist.all_reduce(out)
-        return out / ctx.weight
+        return out / weight
+
+    @staticmethod
+    def backward(ctx, h: torch.Tensor):
+        out = h / ctx.weight
+        dist.all_reduce(out)
+        return out * ctx.weight, None
 
 
 class _SyncBatchNormMixin:

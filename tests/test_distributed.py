@@ -227,3 +227,54 @@ def test_ranks_of_a_trial_cannot_share_a_gpu():
         parse({"defenses": ["standard"], "resources": {"workers_per_trial": 2, "gpus_per_trial": 0.5}})
     with pytest.raises(SpecError, match="exceeds batch_size"):
         parse({"defenses": ["standard"], "batch_size": 2, "resources": {"workers_per_trial": 3}})
+
+
+# --- a create_graph pass through synchronized BatchNorm ---------------------------------------
+N_SECOND = 40  # two equal shards of 20
+
+
+def _penalized_loss(model, x, y):
+    """Cross-entropy plus an input-gradient penalty: the gradient is taken with create_graph
+    (as ATAT's attention loss and Grad-CAM-style losses do), so the parameter gradient is
+    second-order through BatchNorm's batch statistics."""
+    x = x.clone().requires_grad_(True)
+    logits = model(x)
+    g, = torch.autograd.grad(logits.gather(1, y[:, None]).sum(), x, create_graph=True)
+    return torch.nn.functional.cross_entropy(logits, y) + 10.0 * g.pow(2).sum() / len(y)
+
+
+def _second_order_model():
+    torch.manual_seed(0)
+    return Float64(models.build("small_cnn", 10, 1)).train()
+
+
+def _second_order_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        parallel = TorchDistributed(torch.device("cpu"), sync_batchnorm=True)
+        model = parallel.prepare_model(_second_order_model())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ds = mnist()
+        x, y = data_lib.as_float(ds.train_x[:N_SECOND]), ds.train_y[:N_SECOND]
+        (xs, ys), = parallel.shard([(x, y)])
+        _penalized_loss(model, xs, ys).backward()
+        parallel.all_reduce_gradients(opt)
+        torch.save({n: p.grad for n, p in model.named_parameters()}, Path(out) / f"grad{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_second_order_losses_through_synced_batchnorm_match_one_process(tmp_path):
+    mp.start_processes(_second_order_rank, args=(2, str(tmp_path / "init"), str(tmp_path)),
+                       nprocs=2, start_method="spawn")
+    model = _second_order_model()
+    ds = mnist()
+    _penalized_loss(model, data_lib.as_float(ds.train_x[:N_SECOND]), ds.train_y[:N_SECOND]).backward()
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"grad{rank}.pt", weights_only=True)
+        for name, p in model.named_parameters():
+            scale = p.grad.abs().max().item()
+            diff = (got[name] - p.grad).abs().max().item()
+            assert diff <= 1e-6 * max(scale, 1.0), (rank, name, diff, scale)
