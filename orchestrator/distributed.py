@@ -225,6 +225,19 @@ class TorchDistributed:
                 dist.broadcast(t.data, src=0)
         return model
 
+    def synchronize_setup(self, defense: Any) -> None:
+        """Rank 0's weights in every module the defense holds once ``setup`` ran (the model,
+        a teacher, Φ⁰, a detector network): each node loads its own copy of the base models
+        (trained per node when the run folder is node-local, and GPU training is not bitwise
+        deterministic), so the ranks could otherwise start from different ones and never
+        meet again. The attributes are walked in the same order on every rank."""
+        modules = [defense.model] + [m for m in vars(defense).values()
+                                     if isinstance(m, nn.Module) and m is not defense.model]
+        with torch.no_grad():
+            for m in modules:
+                for t in list(m.parameters()) + list(m.buffers()):
+                    dist.broadcast(t.data, src=0)
+
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> GradientAllReduce:
         return GradientAllReduce(optimizer, self)
 

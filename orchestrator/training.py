@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Iterable, Iterator, Protocol
 
 import torch
 import torch.nn as nn
@@ -42,6 +42,8 @@ class Parallel(Protocol):
 
     def prepare_model(self, model: nn.Module) -> nn.Module: ...
 
+    def synchronize_setup(self, defense: Defense) -> None: ...
+
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> Any: ...
 
     def shard(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Iterator: ...
@@ -60,6 +62,9 @@ class SingleProcess:
 
     def prepare_model(self, model):
         return model
+
+    def synchronize_setup(self, defense):
+        pass
 
     def wrap_optimizer(self, optimizer):
         return optimizer
@@ -116,7 +121,11 @@ def choose_device(gpus: float) -> torch.device:
 
 def build_setup(spec: SweepSpec, defense_name: str, hp: dict[str, Any], device: torch.device,
                 run_dir: Path | None, epochs: int | None = None,
-                prepare_model: Callable[[nn.Module], nn.Module] | None = None) -> TrialSetup:
+                parallel: Parallel | None = None) -> TrialSetup:
+    """``parallel``: this process's part of a data-parallel trial (default: the whole trial);
+    it sees the model before the defense does and the defense once ``setup`` loaded its base
+    models (so that every rank starts from rank 0's)."""
+    parallel = parallel or SingleProcess()
     torch.manual_seed(spec.seed)
     cls = registry.get(defense_name)
     train_hp, defense_hp = split_hp(hp)
@@ -138,8 +147,7 @@ def build_setup(spec: SweepSpec, defense_name: str, hp: dict[str, Any], device: 
     # PGD step 1.2x faster here (BENCHMARKS.md, B1); the numbers stay those of the same network
     model = model_lib.build(spec.model, dataset.num_classes, dataset.in_channels).to(
         device, memory_format=torch.channels_last)
-    if prepare_model is not None:  # before the defense sees the model (it may hook its layers)
-        model = prepare_model(model)
+    model = parallel.prepare_model(model)  # before the defense sees it (it may hook its layers)
     defense = cls(model, params, spec.threat_model.threat_model())
     request = cls.base_model(params)
     base_path = None
@@ -150,6 +158,7 @@ def build_setup(spec: SweepSpec, defense_name: str, hp: dict[str, Any], device: 
         with torch.random.fork_rng(devices=cuda):
             base_path = ensure_base(spec, request, run_dir, device)
     defense.setup(dataset, base_path)
+    parallel.synchronize_setup(defense)
 
     opt = spec.optimizer
     lr = float(train_hp.get("lr", opt.lr))

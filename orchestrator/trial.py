@@ -96,7 +96,7 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
     try:
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_trial)))
         s = build_setup(spec, defense_name, hp, parallel.device(spec.resources.gpus_per_trial), run_dir,
-                        prepare_model=parallel.prepare_model)
+                        parallel=parallel)
         s.optimizer = parallel.wrap_optimizer(s.optimizer)
         start_epoch, seconds_before = 0, 0.0
         restored = reporter.restore()

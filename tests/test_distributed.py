@@ -278,3 +278,52 @@ def test_second_order_losses_through_synced_batchnorm_match_one_process(tmp_path
             scale = p.grad.abs().max().item()
             diff = (got[name] - p.grad).abs().max().item()
             assert diff <= 1e-6 * max(scale, 1.0), (rank, name, diff, scale)
+
+
+# --- every rank starts from rank 0's weights, whatever base model its node loaded -------------
+
+def _own_base(rank: int, folder: Path) -> Path:
+    """A standard classifier checkpoint that differs per rank (as two nodes' base models do
+    when each trained its own: GPU kernels are not bitwise deterministic)."""
+    torch.manual_seed(100 + rank)
+    model = models.build("small_cnn", 10, 1)
+    path = folder / f"base{rank}.pt"
+    meta = {"dataset": "mnist5k", "model": "small_cnn", "defense": "standard", "num_classes": 10,
+            "in_channels": 1, "seed": 0, "hp": {}}
+    torch.save({"model": model.state_dict(), "meta": meta}, path)
+    return path
+
+
+def _checksums(modules) -> list[float]:
+    return [float(t.double().sum()) for m in modules for t in list(m.parameters()) + list(m.buffers())]
+
+
+def _setup_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    import orchestrator.training as training
+    from orchestrator.training import build_setup
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        base = _own_base(rank, Path(out))
+        training.ensure_base = lambda *args, **kwargs: base  # this rank's node-local base model
+        spec = parse({"defenses": ["atat"], "train_samples": 100, "batch_size": 50,
+                      "resources": {"workers_per_trial": world}})
+        parallel = TorchDistributed(torch.device("cpu"))
+        s = build_setup(spec, "atat", {}, torch.device("cpu"), None, parallel=parallel)
+        sums = _checksums([s.defense.model, s.defense.teacher])
+        torch.save(sums, Path(out) / f"sums{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_holds_rank_0_s_weights_after_setup(tmp_path):
+    mp.start_processes(_setup_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    zero, one = (torch.load(tmp_path / f"sums{r}.pt", weights_only=True) for r in (0, 1))
+    assert zero == one
+    # and the bases did differ: rank 1 loaded another teacher before the broadcast
+    b0 = torch.load(tmp_path / "base0.pt", weights_only=True)["model"]
+    b1 = torch.load(tmp_path / "base1.pt", weights_only=True)["model"]
+    assert any(not torch.equal(b0[k], b1[k]) for k in b0 if b0[k].is_floating_point())
