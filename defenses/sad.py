@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from defenses.core import data as data_lib
 from defenses.core import models as model_lib
 from defenses.attacks import PGD, Attack, frozen_eval, make, strongest_steps
 from defenses.attacks.adaptive import BPDA, EOTPGD, gaussian_noise, transfer_pgd
@@ -404,13 +405,18 @@ class _Budgeted(Attack):
 
 
 def _take(batches, limit: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``limit`` examples of ``batches`` (all of them for None)."""
+    """The first ``limit`` examples of ``batches`` (all of them for None), counted on the
+    global batches: in a data-parallel trial every rank takes its part of the same first
+    ``limit`` (possibly none of the last batch: it still joins the synchronized forward),
+    so the ranks run the same number of passes and see what one process would."""
     seen = 0
     for x, y in batches:
         if limit is not None and seen >= limit:
             return
-        keep = len(y) if limit is None else min(len(y), limit - seen)
-        seen += keep
+        offset, total = data_lib.shard_position(len(y), x.device)
+        take = total if limit is None else min(total, limit - seen)
+        seen += take
+        keep = max(0, min(len(y), take - offset))
         yield x[:keep], y[:keep]
 
 

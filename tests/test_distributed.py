@@ -327,3 +327,44 @@ def test_every_rank_holds_rank_0_s_weights_after_setup(tmp_path):
     b0 = torch.load(tmp_path / "base0.pt", weights_only=True)["model"]
     b1 = torch.load(tmp_path / "base1.pt", weights_only=True)["model"]
     assert any(not torch.equal(b0[k], b1[k]) for k in b0 if b0[k].is_floating_point())
+
+
+# --- per-rank loops that stop after N examples agree on their collectives ---------------------
+
+def _sad_setup(base: Path, parallel):
+    import orchestrator.training as training
+    from orchestrator.training import build_setup
+
+    training.ensure_base = lambda *args, **kwargs: base
+    spec = parse({"defenses": ["sad"], "train_samples": 600, "batch_size": 128})
+    return build_setup(spec, "sad", {}, torch.device("cpu"), None, parallel=parallel)
+
+
+def _bn_stats(model) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if "running" in k}
+
+
+def _sad_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        parallel = TorchDistributed(torch.device("cpu"), sync_batchnorm=True)
+        s = _sad_setup(Path(out) / "base0.pt", parallel)
+        train(s, 1, parallel=parallel)  # SAD's BN pass: bn_samples=256 of batches 43/43/42
+        torch.save(_bn_stats(s.defense.model), Path(out) / f"bn{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sad_bn_pass_on_unequal_shards_neither_hangs_nor_differs_from_one_process(tmp_path):
+    base = _own_base(0, tmp_path)
+    mp.start_processes(_sad_rank, args=(3, str(tmp_path / "init"), str(tmp_path)), nprocs=3,
+                       start_method="spawn")  # a hang ends in gloo's 60 s timeout: an error
+    one = _sad_setup(base, SingleProcess())
+    train(one, 1)
+    ref = _bn_stats(one.defense.model)
+    for rank in range(3):
+        got = torch.load(tmp_path / f"bn{rank}.pt", weights_only=True)
+        for k, v in ref.items():
+            assert torch.allclose(got[k].double(), v.double(), rtol=1e-4, atol=1e-5), (rank, k)

@@ -111,6 +111,22 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool,
         yield as_float(x[idx], device), y[idx].to(device) if device is not None else y[idx]
 
 
+def shard_position(n: int, device: torch.device | None = None) -> tuple[int, int]:
+    """(offset, total) of this process's ``n`` examples in the global batch: (0, n) alone; in
+    a data-parallel trial (torch.distributed initialized) the ranks hold contiguous shares in
+    rank order, as ``orchestrator.distributed`` deals them. A loop that stops after a number
+    of examples must count global ones, or the ranks run different numbers of forwards and a
+    synchronized BatchNorm waits in a collective another rank never joins."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0, n
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=device))
+    counts = [int(t) for t in sizes]
+    return sum(counts[:dist.get_rank()]), sum(counts)
+
+
 def load(name: str, data_root: str | Path | None = None, seed: int = 0) -> Dataset:
     """Load a dataset by name. ``mnist5k`` is embedded (no download); CIFAR reads the
     torchvision python-format files under ``data_root``."""
