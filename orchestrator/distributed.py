@@ -271,19 +271,30 @@ class TorchDistributed:
                  for p in params]
         flat = torch.cat([flags] + grads)
         dist.all_reduce(flat)
+        present = flat[:len(params)].gt(0).tolist()  # one device-to-host copy, not one per parameter
         offset = len(params)
-        for i, p in enumerate(params):
+        for p, has in zip(params, present):
             size = p.numel()
-            if flat[i] > 0:
+            if has:
                 p.grad = flat[offset:offset + size].view_as(p).clone()
             offset += size
 
     def sync_buffers(self) -> None:
         if self.model is None:
             return
+        buffers = [b for b in self.model.buffers() if b.numel()]
+        if not buffers:
+            return
         with torch.no_grad():
-            for b in self.model.buffers():
-                dist.broadcast(b.data, src=0)
+            # one collective per dtype, not one per buffer per step (BN: 3 buffers per layer)
+            for dtype in sorted({b.dtype for b in buffers}, key=str):
+                group = [b for b in buffers if b.dtype == dtype]
+                flat = torch.cat([b.reshape(-1) for b in group])
+                dist.broadcast(flat, src=0)
+                offset = 0
+                for b in group:
+                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    offset += b.numel()
 
     def end_epoch(self, metrics: dict[str, float], stop: bool) -> tuple[dict[str, float], bool]:
         """Metrics averaged over ranks (weighted by the examples each trained on), rank 0's
