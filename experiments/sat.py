@@ -1,4 +1,4 @@
-"""SAT (issue 5) on mnist5k/small_cnn: a Fig.-5-style sweep of α and ε₀, and SAT vs PGD-AT vs
+"""SAT on mnist5k/small_cnn: a Fig.-5-style sweep of α and ε₀, and SAT vs PGD-AT vs
 PGD-SAT (and TRADES vs TRADES-SAT) at equal epochs, with the training cost of each.
 
     nice -n 10 python experiments/sat.py [--epochs 5] [--train 2000] [--eval 300] \\
