@@ -10,6 +10,7 @@ make when the batch size changes - into a flipped step, so in float32 adversaria
 equivalent only up to such flips, whatever the parallelization."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -115,20 +116,28 @@ def make_setup(defense: str, model_kind: str, sync: bool, parallel) -> TrialSetu
     return TrialSetup(spec, defense, {}, torch.device("cpu"), data, holdout, d, opt, None)
 
 
+@contextlib.contextmanager
+def gloo(rank: int, world: int, init_file: str, seconds: int = 120):
+    """One rank of a gloo group on this machine (what Ray Train sets up on a cluster), one
+    thread; a collective nobody joins ends in the timeout's error instead of a hang."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=seconds))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def _rank_main(rank: int, world: int, init_file: str, out: str) -> None:
     """One rank of a gloo group on this machine (what Ray Train sets up on a cluster)."""
-    torch.set_num_threads(1)
     patch_randomness(setattr)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
+    with gloo(rank, world, init_file):
         for defense, kind, sync in CASES:
             parallel = TorchDistributed(torch.device("cpu"), sync_batchnorm=sync)
             s = make_setup(defense, kind, sync, parallel)
             train(s, 1, parallel=parallel)
             torch.save(s.defense.model.state_dict(), Path(out) / f"{defense}-rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_take_the_steps_of_one_process(tmp_path, monkeypatch):
@@ -249,10 +258,7 @@ def _second_order_model():
 
 
 def _second_order_rank(rank: int, world: int, init_file: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
+    with gloo(rank, world, init_file):
         parallel = TorchDistributed(torch.device("cpu"), sync_batchnorm=True)
         model = parallel.prepare_model(_second_order_model())
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -262,8 +268,6 @@ def _second_order_rank(rank: int, world: int, init_file: str, out: str) -> None:
         _penalized_loss(model, xs, ys).backward()
         parallel.all_reduce_gradients(opt)
         torch.save({n: p.grad for n, p in model.named_parameters()}, Path(out) / f"grad{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_second_order_losses_through_synced_batchnorm_match_one_process(tmp_path):
@@ -302,10 +306,7 @@ def _setup_rank(rank: int, world: int, init_file: str, out: str) -> None:
     import orchestrator.training as training
     from orchestrator.training import build_setup
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
+    with gloo(rank, world, init_file):
         base = _own_base(rank, Path(out))
         training.ensure_base = lambda *args, **kwargs: base  # this rank's node-local base model
         spec = parse({"defenses": ["atat"], "train_samples": 100, "batch_size": 50,
@@ -314,8 +315,6 @@ def _setup_rank(rank: int, world: int, init_file: str, out: str) -> None:
         s = build_setup(spec, "atat", {}, torch.device("cpu"), None, parallel=parallel)
         sums = _checksums([s.defense.model, s.defense.teacher])
         torch.save(sums, Path(out) / f"sums{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_every_rank_holds_rank_0_s_weights_after_setup(tmp_path):
@@ -345,16 +344,11 @@ def _bn_stats(model) -> dict[str, torch.Tensor]:
 
 
 def _sad_rank(rank: int, world: int, init_file: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo(rank, world, init_file, 60):
         parallel = TorchDistributed(torch.device("cpu"), sync_batchnorm=True)
         s = _sad_setup(Path(out) / "base0.pt", parallel)
         train(s, 1, parallel=parallel)  # SAD's BN pass: bn_samples=256 of batches 43/43/42
         torch.save(_bn_stats(s.defense.model), Path(out) / f"bn{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_sad_bn_pass_on_unequal_shards_neither_hangs_nor_differs_from_one_process(tmp_path):
@@ -374,10 +368,7 @@ def _fs_rank(rank: int, world: int, init_file: str, out: str) -> None:
     import orchestrator.training as training
     from orchestrator.training import build_setup
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo(rank, world, init_file, 60):
         base = _own_base(rank, Path(out))  # different per rank: the broadcast makes them one
         training.ensure_base = lambda *args, **kwargs: Path(out) / "base0.pt" if rank == 0 else base
         spec = parse({"defenses": ["feature_squeezing"], "train_samples": 300, "batch_size": 100,
@@ -386,8 +377,6 @@ def _fs_rank(rank: int, world: int, init_file: str, out: str) -> None:
         s = build_setup(spec, "feature_squeezing", {}, torch.device("cpu"), None, parallel=parallel)
         train(s, 1, parallel=parallel)  # the calibrating epoch
         torch.save(torch.tensor(s.defense.threshold), Path(out) / f"threshold{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_detector_threshold_on_ranks_is_the_one_process_threshold(tmp_path):
