@@ -308,12 +308,11 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
     board = Dashboard(spec.total_trials(), r.trial_cpus(), r.trial_gpus(),
                       cap["cpus"], cap["gpus"], console=console,
                       live=None if dashboard_on else False)
-    writer = RecordWriter(out, spec, run_id)
     interrupted = False
     board.start()
     try:
         for defense in spec.defenses:
-            writer.defense = defense
+            writer = RecordWriter(out, spec, run_id, defense)  # this defense's Tune run's
             board.begin_defense(defense, list(getattr(space_module(defense), "KEY_HPARAMS", [])))
             # A data-parallel trial's function only waits on its Ray Train workers, which reserve
             # their own placement group: it holds no CPU (with N workers on N CPUs it would keep

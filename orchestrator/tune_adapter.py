@@ -281,9 +281,8 @@ class RecordWriter(tune.Callback):
     """Writes each trial's final record into RUN_DIR/records, with its checkpoint path; a
     trial that crashed before reporting a record gets a failed record from its error."""
 
-    def __init__(self, run_dir: Path, spec: SweepSpec, run_id: str):
-        self.run_dir, self.spec, self.run_id = Path(run_dir), spec, run_id
-        self.defense = ""
+    def __init__(self, run_dir: Path, spec: SweepSpec, run_id: str, defense: str):
+        self.run_dir, self.spec, self.run_id, self.defense = Path(run_dir), spec, run_id, defense
         self._final: dict[str, TrialRecord] = {}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
