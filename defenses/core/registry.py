@@ -32,7 +32,8 @@ def _discover() -> dict[str, type[Defense]]:
             if not own:
                 raise RegistryError(f"defenses/{info.name}.py defines no defense (a registered Defense "
                                     "subclass with a name); library code goes into a subpackage "
-                                    "(defenses/core, attacks, evaluation, saliency)")
+                                    "(defenses/core, attacks, evaluation, saliency), and a file left "
+                                    "from an older checkout (rsync never deletes) is to be removed")
             for obj in own:
                 if obj.name in found:
                     raise RegistryError(f"two defenses named {obj.name!r}")
