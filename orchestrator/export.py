@@ -1,5 +1,5 @@
-"""Write a sweep's results: trials.csv, pareto.csv, pareto_by_eps.csv, pareto.png and
-manifest.json.
+"""Write a sweep's results: trials.csv, pareto.csv (each also .parquet), pareto_by_eps.csv,
+pareto.png and manifest.json.
 
 pareto.csv is the front at the spec's primary ε (``robust_acc``); when the trials carry a
 robustness curve (``robust_acc@<eps>`` columns), pareto_by_eps.csv holds one front per ε (column
@@ -50,6 +50,22 @@ WITHIN_CI_COLUMN = "on_front_within_ci"
 
 def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+
+
+def write_parquet(df: pd.DataFrame, path: str | Path) -> Path:
+    """``df`` as Parquet (pyarrow, which Ray brings): typed columns for pandas/polars users
+    with many runs. A column whose values are of several types (a hyperparameter that is a
+    number for one defense and a string for another) is written as strings."""
+    return atomic_write(path, lambda tmp: _one_type_per_column(df).to_parquet(tmp, index=False))
+
+
+def _one_type_per_column(df: pd.DataFrame) -> pd.DataFrame:
+    out = df.copy()
+    for col in out.columns[out.dtypes == object]:
+        values = out[col].dropna()
+        if values.map(type).nunique() > 1:
+            out[col] = out[col].map(lambda v: v if pd.isna(v) else str(v))
+    return out
 
 
 # ---------------------------------------------------------------------------- tables
@@ -244,7 +260,7 @@ def export_all(df: pd.DataFrame, out_dir: str | Path,
                objectives: Sequence[str] = DEFAULT_OBJECTIVES,
                exclude_flagged: bool = False) -> dict[str, Path]:
     """Write trials.csv (every trial), pareto.csv (the front at the primary ε, with
-    ``is_knee``), pareto_by_eps.csv (one front per ε, only when the trials carry a robustness
+    ``is_knee``), both again as .parquet, pareto_by_eps.csv (one front per ε, only when the trials carry a robustness
     curve) and pareto.png into ``out_dir``; returns file name -> path. An empty ``df`` or one
     without a completed trial still yields header-only CSVs and a plot saying so. Flagged
     trials are always in the tables (``suspect`` names their flags); ``exclude_flagged`` keeps
@@ -257,6 +273,8 @@ def export_all(df: pd.DataFrame, out_dir: str | Path,
     paths = {
         "trials.csv": write_csv(trials, out_dir / "trials.csv"),
         "pareto.csv": write_csv(table, out_dir / "pareto.csv"),
+        "trials.parquet": write_parquet(trials, out_dir / "trials.parquet"),
+        "pareto.parquet": write_parquet(table, out_dir / "pareto.parquet"),
     }
     if curve_columns(trials) and "robust_acc" in objectives:
         paths["pareto_by_eps.csv"] = write_csv(

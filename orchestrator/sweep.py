@@ -4,7 +4,7 @@
 Validates everything first (bad input: one line, exit 2, before Ray starts), starts a local Ray
 or joins a cluster (under ``ray submit`` on a cluster head: the cluster running there), runs one
 Ray Tune search per defense (OptunaSearch, multi-objective), then merges the trial records and
-writes trials.csv, pareto.csv, pareto.png, manifest.json. Tune's experiment state and the
+writes trials.csv, pareto.csv (and .parquet), pareto.png, manifest.json. Tune's experiment state and the
 trials' checkpoints go to the storage path (OUT/tune unless ``--storage-path`` names a shared
 folder or s3://...: what a multi-node cluster needs, and what survives the head)."""
 from __future__ import annotations

@@ -58,7 +58,14 @@ def test_pareto_csv_is_the_front_of_trials_csv(tmp_path: Path, seed: int,
                                                exclude_flagged: bool) -> None:
     df = trials_df(seed)
     paths = export_all(df, tmp_path, exclude_flagged=exclude_flagged)
-    assert set(paths) == {"trials.csv", "pareto.csv", "pareto.png"}
+    assert set(paths) == {"trials.csv", "pareto.csv", "trials.parquet", "pareto.parquet", "pareto.png"}
+    for name in ("trials", "pareto"):  # the Parquet tables hold what the CSVs hold
+        parquet, csv = pd.read_parquet(paths[f"{name}.parquet"]), pd.read_csv(paths[f"{name}.csv"])
+        assert list(parquet.columns) == list(csv.columns) and len(parquet) == len(csv)
+        # numbers alike (CSV reads an all-'' column back as NaN; Parquet keeps the strings)
+        numbers = csv.select_dtypes("number").columns.intersection(parquet.select_dtypes("number").columns)
+        assert len(numbers) > 5
+        pd.testing.assert_frame_equal(parquet[numbers].astype(float), csv[numbers].astype(float))
 
     trials = pd.read_csv(paths["trials.csv"])
     pareto = pd.read_csv(paths["pareto.csv"])
@@ -113,8 +120,8 @@ def leftovers(folder: Path) -> list[str]:
 def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
     export_all(trials_df(2), tmp_path)
     assert leftovers(tmp_path) == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pareto.csv", "pareto.png",
-                                                         "trials.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pareto.csv", "pareto.parquet", "pareto.png",
+                                                         "trials.csv", "trials.parquet"]
 
 
 def test_failed_write_keeps_previous_file(tmp_path: Path,

@@ -1,5 +1,6 @@
 """``python -m orchestrator.aggregate RUN_DIR [RUN_DIR ...] [--out DIR] [--exclude-flagged]``:
-merge sweep runs and write trials.csv, pareto.csv, pareto_by_eps.csv and pareto.png."""
+merge sweep runs and write trials.csv, pareto.csv (each also .parquet), pareto_by_eps.csv and
+pareto.png."""
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-EXPORTS = ("trials.csv", "pareto.csv", "pareto_by_eps.csv", "pareto.png")  # what export_all writes
+EXPORTS = ("trials.csv", "pareto.csv", "trials.parquet", "pareto.parquet", "pareto_by_eps.csv",
+           "pareto.png")  # what export_all writes
 
 
 def _input_problem(run_dirs: list[Path], out: Path | None, force: bool = False) -> str | None:
