@@ -285,7 +285,8 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
     from rich.console import Console
 
     from orchestrator.dashboard import Dashboard
-    from orchestrator.tune_adapter import RecordWriter, close_orphan_trials, make_searcher, tune_trial
+    from orchestrator.tune_adapter import (RecordWriter, close_orphan_trials, make_searcher,
+                                           name_objectives, tune_trial)
 
     import optuna
 
@@ -334,6 +335,7 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
                 interrupted = True
                 break
             close_orphan_trials(spec, defense, out)
+            name_objectives(spec, out)
     except KeyboardInterrupt:
         interrupted = True
     finally:

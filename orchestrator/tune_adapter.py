@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import uuid
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Callable
@@ -345,6 +346,28 @@ def _samplers() -> dict[str, Callable[[int, int], Any]]:
     }
 
 
+def study_name(spec: SweepSpec, defense: str) -> str:
+    return f"{spec.name}-{defense}"
+
+
+def optuna_storage(run_dir: Path):
+    import optuna
+
+    return optuna.storages.RDBStorage(f"sqlite:///{Path(run_dir).resolve() / 'optuna.db'}")
+
+
+def _study(spec: SweepSpec, defense: str, run_dir: Path):
+    """``defense``'s study in RUN_DIR/optuna.db, or None (no database, another search)."""
+    import optuna
+
+    if not (Path(run_dir) / "optuna.db").is_file():
+        return None
+    try:
+        return optuna.load_study(study_name=study_name(spec, defense), storage=optuna_storage(run_dir))
+    except KeyError:  # no study under that name (e.g. another search algorithm)
+        return None
+
+
 def close_orphan_trials(spec: SweepSpec, defense: str, run_dir: Path) -> int:
     """Mark FAIL the Optuna trials of ``defense``'s study still RUNNING once its Tuner has
     finished every trial. A driver killed after asking for a configuration (stored at once in
@@ -352,13 +375,8 @@ def close_orphan_trials(spec: SweepSpec, defense: str, run_dir: Path) -> int:
     asks again, and the orphan would otherwise stay RUNNING forever. Returns how many."""
     import optuna
 
-    db = Path(run_dir).resolve() / "optuna.db"
-    if not db.is_file():
-        return 0
-    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
-    try:
-        study = optuna.load_study(study_name=f"{spec.name}-{defense}", storage=storage)
-    except KeyError:  # no study under that name (e.g. another search algorithm)
+    study = _study(spec, defense, run_dir)
+    if study is None:
         return 0
     orphans = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
     for number in orphans:
@@ -372,13 +390,28 @@ def close_orphan_trials(spec: SweepSpec, defense: str, run_dir: Path) -> int:
 def make_searcher(spec: SweepSpec, defense: str, run_dir: Path):
     """OptunaSearch over both objectives, its study kept in RUN_DIR/optuna.db (one study per
     defense) so optuna-dashboard can open it and a resumed sweep continues its history."""
-    import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    storage = optuna.storages.RDBStorage(f"sqlite:///{Path(run_dir).resolve() / 'optuna.db'}")
     # one seed per defense: with the spec's seed alone every study would draw the same first
     # points of its unit cube (the same lr quantile for every defense, ...)
     seed = (spec.seed * 1_000_003 + zlib.crc32(defense.encode())) % 2**31
     return OptunaSearch(metric=list(spec.objectives), mode=["max"] * len(spec.objectives),
                         sampler=_samplers()[spec.search](seed, spec.trials_for(defense)),
-                        study_name=f"{spec.name}-{defense}", storage=storage)
+                        study_name=study_name(spec, defense), storage=optuna_storage(run_dir))
+
+
+def name_objectives(spec: SweepSpec, run_dir: Path) -> int:
+    """Give each defense's study the names of its objectives (``clean_acc``, ``robust_acc``,
+    ...), so optuna-dashboard labels its axes; the values stay the search-time numbers the
+    sampler learnt from (the final ones are in trials.csv). Returns how many were named."""
+    import optuna
+
+    named = 0
+    for defense in spec.defenses:
+        study = _study(spec, defense, run_dir)
+        if study is not None and study.metric_names != list(spec.objectives):
+            with warnings.catch_warnings():  # "experimental" since Optuna 3.2, unchanged through 5
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(list(spec.objectives))
+            named += 1
+    return named

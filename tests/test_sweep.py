@@ -83,6 +83,7 @@ def test_smoke_preset_through_ray_tune_and_optuna(ray_session, tmp_path, capsys)
     # the Optuna study lives in SQLite in the run dir, one study per defense
     study = optuna.load_study(study_name="smoke-pgd_at", storage=f"sqlite:///{out / 'optuna.db'}")
     assert len(study.trials) == 2 and len(study.best_trials) >= 1
+    assert study.metric_names == ["clean_acc", "robust_acc"]  # optuna-dashboard's axis labels
     assert stdout.count("completed clean=") == 4  # plain dashboard: one line per trial
 
 
