@@ -1,38 +1,11 @@
 """ATAT: attention-transfer adversarial training (Li et al., "Adversarial Robustness via
 Attention Transfer", Eq. 3-7).
 
-A frozen, standardly trained teacher T gives, on each clean training image, the Grad-CAM map of
-the true class at the model's attention layer (Eq. 3). The student S (the defended model) is
-trained on
-
-    L = CE(S(x_ori), y) + CE(S(x_adv), y) + λ₁·L_at + λ₂·L_lp                      (Eq. 7)
-
-    L_at = ‖â_T(x_ori) − â_S(x_adv)‖₂ + ‖â_T(x_ori) − â_S(x_ori)‖₂                (Eq. 5, p = 2)
-    L_lp = ‖S(x_ori) − S(x_adv)‖₂   (logits)                                       (Eq. 6)
-
-each norm taken per example and averaged over the batch, with x_adv from PGD on CE (the
-threat model's ``train_steps`` / ``step_size``; the paper uses PGD-7, 2/255, ε = 8/255 on
-CIFAR). The student's maps are ``grad_cam(..., create_graph=True)``, so L_at is differentiated
-through the Grad-CAM weights (double backpropagation) and trains the student.
-
-Attention normalization (the paper leaves it unspecified; Eq. 4's v(·) is "vectorize"): we follow
-the attention-transfer convention of Zagoruyko & Komodakis (2017) and compare unit vectors,
-
-    â(x) = v(A) / max(‖v(A)‖₂, 1e-8),   A = ReLU(Σ_k mean_ij(∂y_c/∂A_k) A_k)  (h×w, no upsampling)
-
-so L_at compares where a model looks, not how large its logit gradients are (the raw map scale
-of a standard teacher and of an adversarially trained student need not agree).
-An all-zero map (every location ReLU'd away) stays the zero vector.
-
-Student initialization: the paper initializes the student "with the same parameters as the
-original network" (``init="teacher"``, the default); ``init="random"`` keeps the trial's fresh
-initialization. The authors' released code differs from the paper: on CIFAR-10 its loss is CE
-on the clean+adversarial mix plus squared-error matching of the student's logits to the
-*teacher's* clean logits (the Grad-CAM terms are computed but left out of the optimized loss,
-and unnormalized), and the student starts from random weights. We implement the paper.
-
-With λ₁ = λ₂ = 0 the loss is exactly CE(nat) + CE(adv): ``pgd_at`` with ``clean_weight=1``.
-"""
+The student trains on CE(x) + CE(x_adv) + λ₁·L_at + λ₂·L_lp: L_at compares the L2-normalized
+Grad-CAM maps of a frozen standard teacher on clean images with the student's on clean and
+PGD images (differentiated through the student's Grad-CAM, double backprop), L_lp the logits of
+x and x_adv. With λ₁ = λ₂ = 0 it is ``pgd_at`` with ``clean_weight=1``.
+The reading of the paper (normalization, initialization, the released code): docs/atat.md."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,29 +1,9 @@
-"""Feature squeezing (Xu, Evans & Qi, NDSS 2018): compare the classifier's softmax on x with
-its softmax on squeezed copies of x; the score is the largest L1 distance over the squeezers,
-and x is rejected when the score exceeds a threshold chosen on clean inputs so that a fraction
-``fpr`` of them would be rejected (the 95th percentile at the paper's 5 %). Those clean inputs
-are the trial's validation split, which the guarded classifier never trained on: on its own
-training images the scores run lower and the threshold would reject more unseen inputs than
-stated. ``fpr`` None (the default) is the threat model's FPR (the spec's ``threat_model.fpr``).
-
-Squeezers (each switched off by 0):
-- bit-depth reduction to ``bit_depth`` bits: round(x·(2^b - 1)) / (2^b - 1);
-- median smoothing over a ``median_size``² window, as scipy.ndimage.median_filter with
-  mode='reflect' (the authors' implementation): for an even window the upper of the two middle
-  values and a window reaching one more pixel up/left than down/right;
-- non-local means with search window ``nlm_search``, patch ``nlm_patch`` and strength
-  ``nlm_h`` (the paper's "11-3-4" notation), a small torch version of OpenCV's
-  fastNlMeansDenoising: weights exp(-d/h²) with d the mean squared patch difference in 0-255
-  units. The authors call OpenCV's *Colored* variant, which denoises in Lab space; this version
-  works on the channels as given.
-
-Xu et al.'s MNIST configuration is 1-bit depth and 2×2 median smoothing, without non-local
-means (they use it for the colour datasets); these are the defaults, and the default search
-space (built for MNIST) keeps NLM off.
-
-Differentiable surrogate for the detector-aware attacks: the same score, with rounding passed
-straight through in the backward pass (BPDA, Athalye et al. 2018); median and NLM are
-differentiable almost everywhere as they are."""
+"""Feature squeezing (Xu, Evans & Qi, NDSS 2018): the largest L1 distance between the
+classifier's softmax on x and on squeezed copies of x (bit depth, median smoothing, non-local
+means), rejected above the threshold that rejects a fraction ``fpr`` of the clean validation
+split (the threat model's FPR unless the hyperparameter says otherwise). The detector-aware
+attacks descend the same score with rounding passed straight through (BPDA).
+Squeezer semantics, defaults and results: docs/detectors.md."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,44 +1,12 @@
 """Grad-CAM inconsistency detector (Ye et al., "Detection defense against adversarial attacks
 with saliency map").
 
-For an input x the classifier f predicts c = argmax f(x). The subject-emphasis image is
-e = x + θ·S(x), with S the Grad-CAM of class c at the model's attention layer (ReLU of the
-gradient-weighted feature maps, eqs. 5-6), normalized and upsampled to the input size; an
-optional enhancement T (colour reversing RGB→BGR, or zero mean) is applied to e. x is rejected
-when f labels T(e) differently from x. θ = 0 with no enhancement compares x with itself and
-never rejects (Table I, first row); θ = 0 with an enhancement is that enhancement alone
-(first rows of Tables II-III).
-
-Details the paper leaves open, decided here:
-- Normalization of S: bilinearly upsampled, then divided by its per-image maximum (Keras'
-  Grad-CAM recipe, which the paper's Keras models suggest), so θ is the emphasis at the map's
-  peak; the same grey map is added to
-  every channel (a colour map for the overlay is not specified, and has no meaning on 1-channel
-  data). e is clipped to [0,1] so that it is an image of the classifier's domain.
-- Zero mean subtracts each channel's mean over the input image itself ("we remove the average
-  brightness value of the input test samples"); the result is not clipped, as the paper feeds
-  the mean-subtracted image on.
-- Colour reversing permutes RGB to BGR. On 1-channel data (MNIST) it is the identity, so
-  "colour reversing" there would silently be plain emphasis: setup rejects it with a
-  DefenseConfigError, and the default search space (built for MNIST) leaves it out.
-
-Decision rule (``rule``). The paper's rule (``rule="paper"``) has no threshold, so its
-false-positive rate is whatever θ and the enhancement make it (not controlled: 0-12 % on
-mnist5k). The default, ``rule="margin"`` (not in the paper), rejects x when the margin below
-exceeds its (1 - fpr) quantile over the clean validation split (images the classifier never
-trained on), as every detector of the project does, so detectors compare at one stated FPR;
-``fpr`` None is the threat model's (the spec's ``threat_model.fpr``). The margin rule also
-rejects inputs whose emphasis image keeps the label with a small margin, which the label
-comparison lets through. θ = 0 with the margin rule is a plain confidence (top-2 margin)
-detector.
-
-The paper's decision is taken as the sign of a continuous score, the margin of T(e)'s logits against
-x's label, ``max_{j≠c} z_j(T(e)) - z_c(T(e))``: it is positive exactly when f labels T(e)
-differently from x (the paper's rule; only an exact tie of two logits, where argmax would
-pick either, counts as agreement). The same margin is the score for AUROC / TPR at 5 % FPR and
-the differentiable surrogate the detector-aware attacks descend: gradients flow through f,
-through e and through the Grad-CAM map itself (second order, ``create_graph``); c is
-piecewise constant and carries no gradient."""
+The subject-emphasis image e = x + θ·S(x), S the normalized Grad-CAM of the predicted class,
+optionally enhanced (colour reversing, zero mean); the paper's rule (``rule="paper"``) rejects
+x when the classifier labels e differently, the default ``rule="margin"`` thresholds the label
+margin of e at a stated FPR on the validation split, like every detector of the project. The
+margin is also the score for AUROC and the surrogate the detector-aware attacks descend.
+What the paper leaves open and how it is decided here: docs/detectors.md."""
 from __future__ import annotations
 
 import dataclasses

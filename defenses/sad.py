@@ -1,38 +1,11 @@
 """SAD: Saliency Adversarial Defense without adversarial training (Algorithm 1 of the paper).
 
-Model update (no weight is trained). Starting from a trained Φ⁰ (a ``standard`` checkpoint, or
-``trades`` for AT+SAD), for every training batch, under Φ⁰ in eval mode:
-
-    δ⁰ = ∂ℓ(x, y)/∂x                       raw cross-entropy input gradient (Eq. 3), not its sign
-    x_adv  = clip(x + ε·δ⁰, 0, 1)
-    S⁰     = ∂Φ⁰_{i*}/∂x at x_adv           raw logit gradient of the predicted class (Eq. 2)
-    x_sadv = clip(x_adv + η·S⁰, 0, 1)
-
-and only the BatchNorm running statistics are re-estimated by forwarding x_sadv in training
-mode (AdaBN, Li et al. 2016): Φ¹ has Φ⁰'s weights and BN affine parameters bit for bit.
-
-Inference: ŷ = argmax Φ¹(clip(x̂ + η·S¹(x̂), 0, 1)) with S¹ = ∂Φ¹_max/∂x.
-
-Choices the paper leaves open (documented in docs/sad.md):
-- Algorithm 1 writes the inference input as x̂ + S¹(x̂) without η; Section 4.5 and Table 5
-  vary the ratio at test time, so η is used at both stages.
-- Both processed images are clipped to [0,1] (the paper does not say): the model only ever
-  sees valid images, and training-time and test-time inputs get the same treatment.
-- BN statistics: by default they are reset and re-estimated by cumulative averaging
-  (``momentum=None``) over one pass, i.e. Φ¹'s statistics are exactly the processed data's
-  (AdaBN). The paper's "feed the data forward in training mode" with PyTorch's default
-  momentum 0.1 is ``bn_momentum=0.1``: an exponential average that keeps 0.9^B of Φ⁰'s
-  statistics after B batches.
-- Algorithm 1 passes the whole training set; ``bn_samples`` (default 256) stops the pass
-  after that many images, because the statistics settle long before and a full pass costs
-  about half of a 3-epoch base training (see docs/sad.md for the measurement). ``None`` is the
-  full pass.
-- The δ step ε multiplies the raw gradient, whose scale depends on the model; the paper gives
-  no value. ``step=None`` uses the threat model's ε.
-
-Variants (``variant``): ``full`` (above); ``no_bn`` (Table 5: saliency added at inference, BN
-statistics of Φ⁰ kept); ``bn_adv`` (Section 4.6, second ablation: BN re-estimated on x_adv with
-no saliency anywhere, inference on x̂ itself)."""
+No weight is trained: from a trained Φ⁰, each training batch is pushed along Φ⁰'s raw input
+gradient (x_adv = clip(x + ε·δ⁰)) and then along its saliency (x_sadv = clip(x_adv + η·S⁰)),
+and only the BatchNorm statistics are re-estimated on x_sadv (AdaBN), giving Φ¹. Inference:
+argmax Φ¹(clip(x̂ + η·S¹(x̂))). Variants ``full``, ``no_bn`` (Table 5), ``bn_adv`` (Section 4.6).
+The choices the paper leaves open (η at test time, clipping, BN averaging, ``bn_samples``, the
+step ε) and the results: docs/sad.md."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,50 +1,14 @@
 """Model-based saliency detectors of adversarial examples (``shared/papers/001``, ICLR 2020
 submission "Model-based saliency for the detection of adversarial examples").
 
-A small CNN, trained on clean images against adversarial images of ONE attack on the guarded
-classifier f, decides whether an input is adversarial. What it sees (§3.4-3.6):
-
-- ``smd`` (Saliency Map Defense): the saliency mask f_s(x) of the real-time masking model
-  (``defenses.saliency.maps.masking``) for f's predicted class;
-- ``spd`` (Salient Pixel Defense): the salient pixels f_s(x)·x;
-- ``id`` (Image Defense, Gong et al. 2017): the image alone;
-- ``jsd`` (Jacobian Saliency Defense, Zhang et al. 2018): the image concatenated with the
-  gradient of the logit of the predicted class ∇_x z_c(x). The paper takes ∇_x of the logits
-  (not of the softmax, which underflows); of the K logit gradients we keep the predicted
-  class's, the same class every other detector selects.
-
-Training data (§3.7): one adversarial example per clean training image, from one attack
-(``train_attack``). Unlike the paper, only adversarial examples that actually fool f (from
-clean images it classifies correctly) are labelled adversarial: a failed attack leaves an image
-the classifier reads correctly, and calling it adversarial would teach the detector noise.
-The positive class is re-weighted so both classes weigh the same.
-
-The decision: reject x when the detector's logit exceeds a threshold set on clean images that
-neither the detector nor the guarded classifier trained on (the trial's validation split) so
-that a fraction ``fpr`` of them is rejected; ``fpr`` None (the default) is the threat model's
-(the spec's ``threat_model.fpr``, 5 % by default). Calibrating on the classifier's training
-images instead rejected 3-11 % of unseen clean images at a 5 % target: they get lower
-classifier confidence than the images it fit, and most detector inputs depend on it.
-
-Attacks for training and for the cross-attack table: FGSM, BIM (torchattacks BIM = PGD without
-random start), MIM at the threat model's ε (L∞); C&W-L2 (torchattacks, c = 10, 30 Adam steps of
-0.1) and DeepFool (L2) in their own norm, not clipped to ε, as the paper runs its cleverhans
-"black-box" attacks; JSMA (torchattacks, θ = 1, γ = 0.1, L0) only as a test attack: it runs one
-image at a time with a Jacobian per pixel pair step (≈ 1 s per MNIST image here), too slow to
-build a training set inside a trial. DeepFool is our batched version of Moosavi-Dezfooli et
-al.'s algorithm (accumulated perturbation, overshoot 0.02): torchattacks' DeepFool clips every
-iterate to [0,1] and stalls on MNIST (17 % success at 10 steps, 45 % at 50, measured here) and
-loops over images one by one.
-
-White-box attack (§3.8) and detector adversarial training: ``AlternatingWhiteBox`` alternates
-a signed-gradient step that raises the classifier's loss (Eq. 3) with one that lowers the
-detector's score (Eq. 4), T = 5 rounds. The paper writes both steps as x_adv = Clip(x +
-ε·sign(∇·)) from the clean x; taken literally, each step would discard the one before it, so
-we read them as BIM steps from the current iterate, of size α = 2.5ε/(2T), projected onto the
-ε-ball. With ``adv_train`` the detector is retrained every epoch with fresh white-box examples
-crafted against its current state added to the adversarial class (the paper's "we iteratively
-train the detectors against the white-box attack and allow the white-box attack access to the
-new defense")."""
+A small CNN (``defenses.saliency.detector_net``), trained on clean training images against the
+successful adversarial images of one attack (``defenses.attacks.detector_training``) on the
+guarded classifier, decides whether an input is adversarial from what it sees: the saliency
+mask of the real-time masking model (``smd``), the salient pixels (``spd``), the image alone
+(``id``) or the image with the predicted class's logit gradient (``jsd``). It rejects above the
+threshold that rejects a fraction ``fpr`` of the clean validation split. The paper's white-box
+attack (``AlternatingWhiteBox``) and detector adversarial training are here too.
+The reading of the paper, its deviations and the results: docs/saliency_detector.md."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,38 +1,11 @@
 """SAT: saliency-based adversarial training (Mangla, Singh & Balasubramanian, ECML-PKDD 2020).
 
-A teacher (``standard`` or ``pgd_at`` checkpoint, trained once by the orchestrator) gives one
-saliency map s ∈ [-1,1]^d per training image, for its ground-truth class. At epoch t each
-element of the perturbation is random (Eq. 9)::
-
-    δᵗ[i] = z[i] ∈ {−1, +1} uniformly   with probability αᵗ
-    δᵗ[i] = −s[i]                       with probability 1 − αᵗ
-
-and the student trains with cross-entropy on x' = clip(x + ε₀·δᵗ, 0, 1) (Algorithm 1).
-``pgd_sat`` and ``trades_sat`` (Section 4.1) replace half of each batch's SAT examples by PGD
-examples (cross-entropy) or TRADES examples (the TRADES loss, SAT examples as its x').
-
-Saliency maps (``method``): ``gradient``, ``guided_backprop``, ``smoothgrad``,
-``integrated_gradients`` (fine maps) and ``grad_cam_pp_box`` (Eq. 10's weak ±1 map from a
-Grad-CAM++ bounding box). Normalization to [-1,1]^d (``normalization``):
-
-- ``sign`` (default, Section 3.2: "following PGD, we use −sign(∇ₓΦ^{i*}(x))"): s = sign(m),
-  elementwise, so s ∈ {−1, 0, +1}^d; the ±1 box maps are unchanged by it.
-- ``max_abs``: s = m / max_i |m_i| per image (0 for an all-zero map), keeping magnitudes.
-
-Maps are computed once per (teacher checkpoint, method, its settings, normalization, training
-set) and cached in memory for every epoch and on disk next to the teacher checkpoint
-(``sat-saliency-*.pt``, written atomically under a file lock), so trials sharing a teacher
-compute them once.
-
-Where this follows the paper and not the authors' released code:
-- t is the 1-based epoch (Eq. 9, Section 3.3 "during initial epochs"); the code uses α^(t/10).
-- Maps are computed once for the ground-truth class (Sections 3.3, 4.1) from un-augmented
-  images; the code recomputes them for every (augmented) batch.
-- PGD-SAT uses half PGD and half SAT examples per batch (Section 4.1: "we perturb the input
-  randomly with either perturbations calculated by SAT or with PGD/TRADES attacks"); one code
-  variant adds the SAT perturbation on top of the PGD example instead, and its TRADES-SAT
-  hands the SAT direction to the TRADES attack.
-"""
+A teacher's saliency map s of each training image, for its true class, steers the training
+perturbation: each element of δᵗ is random ±1 with probability αᵗ and −s otherwise (Eq. 9),
+and the student trains on clip(x + ε₀·δᵗ); ``pgd_sat`` / ``trades_sat`` replace half of each
+batch by PGD / TRADES examples (Section 4.1). Maps are computed once per (teacher, method,
+normalization, training set) and cached next to the teacher checkpoint.
+The reading of the paper, where the authors' code differs and the results: docs/sat.md."""
 from __future__ import annotations
 
 import dataclasses
