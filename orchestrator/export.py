@@ -15,7 +15,6 @@ No Ray and no torch imports: versions are read from package metadata.
 """
 from __future__ import annotations
 
-import datetime
 import importlib.metadata
 import logging
 import platform
@@ -35,7 +34,7 @@ from defenses.core.cache import atomic_write
 from orchestrator.aggregate import (DEFAULT_OBJECTIVES, ci_columns, curve_columns, flagged_mask,
                                     fronts_by_eps, knee, on_front_within_ci, pareto_front,
                                     with_suspect)
-from orchestrator.records import COMPLETED, write_json_atomic
+from orchestrator.records import COMPLETED, iso_utc, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +214,8 @@ def write_manifest(out_dir: str | Path, spec: dict[str, Any], started: float,
     payload = {
         "spec": spec,
         "seeds": list(seeds),
-        "started": _iso_utc(started),
-        "ended": None if ended is None else _iso_utc(ended),
+        "started": iso_utc(started),
+        "ended": None if ended is None else iso_utc(ended),
         "hostname": socket.gethostname(),
         "git_sha": git_sha(),
         "versions": package_versions(),
@@ -225,10 +224,6 @@ def write_manifest(out_dir: str | Path, spec: dict[str, Any], started: float,
     path = Path(out_dir) / "manifest.json"
     write_json_atomic(path, payload)
     return path
-
-
-def _iso_utc(timestamp: float) -> str:
-    return datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc).isoformat()
 
 
 def package_versions() -> dict[str, str | None]:

@@ -3,8 +3,10 @@ aggregator, the dashboard and the exporters. Nobody re-parses Tune's internals."
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ IDENTITY_COLUMNS = ["trial_id", "defense", "status", "clean_acc", "robust_acc", 
                     "clean_acc_ci_low", "clean_acc_ci_high", "robust_acc_ci_low",
                     "robust_acc_ci_high", "n_eval", "robust_acc_search", "final_attack",
                     "final_evaluated", "train_seconds", "checkpoint", "dataset", "model", "seed",
-                    "epochs", "eval_seconds", "run_id"]
+                    "epochs", "eval_seconds", "started_at", "finished_at", "run_id"]
 CI_SUFFIXES = ("_ci_low", "_ci_high")
 N_PREFIX = "n_eval@"  # curve entries: test points evaluated at that ε
 
@@ -53,6 +55,8 @@ class TrialRecord:
     checkpoint: str = ""
     error: str = ""
     warning: str = ""               # what went wrong and was recovered from (e.g. a bad checkpoint)
+    started_at: str = ""            # ISO 8601, UTC: when the trial first started (kept over resumes)
+    finished_at: str = ""           # ... and when it ended, completed or failed
     run_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,6 +116,12 @@ class TrialRecord:
         row["error"] = self.error
         row["warning"] = self.warning
         return row
+
+
+def iso_utc(timestamp: float | None = None) -> str:
+    """``timestamp`` (default: now) as ISO 8601 in UTC, e.g. 2026-12-02T03:04:05.678+00:00."""
+    return dt.datetime.fromtimestamp(time.time() if timestamp is None else timestamp,
+                                     tz=dt.timezone.utc).isoformat()
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

@@ -212,11 +212,12 @@ def ensure_base(spec: SweepSpec, request: BaseModelRequest, run_dir: Path | None
 
 def save_checkpoint(folder: Path, s: TrialSetup, epoch: int, train_seconds: float,
                     record: TrialRecord | None = None,
-                    broken: dict[float, torch.Tensor] | None = None) -> None:
+                    broken: dict[float, torch.Tensor] | None = None, started_at: str = "") -> None:
     """``record``: the evaluated trial, kept in its final checkpoint so that a trial restarted
     after it finished (a driver killed before it saw the end) reports it instead of redoing it.
     ``broken``: per ε, the test points its evaluation found not robust (``Report.broken()``),
-    which the sweep's final evaluation of this checkpoint does not attack again."""
+    which the sweep's final evaluation of this checkpoint does not attack again.
+    ``started_at``: when the trial first started, kept so that a resumed trial keeps it."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({
         "model": s.defense.model.state_dict(),
@@ -230,6 +231,7 @@ def save_checkpoint(folder: Path, s: TrialSetup, epoch: int, train_seconds: floa
         "record": record.to_dict() if record is not None else None,
         "broken": {"eps": list(broken), "masks": list(broken.values())} if broken else None,
         "spec_digest": spec_digest(s.spec),
+        "started_at": started_at,
     }, folder / CHECKPOINT_FILE)
 
 
@@ -243,14 +245,15 @@ def spec_digest(spec: SweepSpec) -> str:
     return hashlib.sha256(json.dumps(spec.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_checkpoint(folder: Path, s: TrialSetup) -> tuple[int, float]:
+def load_checkpoint(folder: Path, s: TrialSetup) -> tuple[int, float, str]:
+    """Restore ``s`` from ``folder``; (epochs done, training seconds, ``started_at``)."""
     state = torch.load(folder / CHECKPOINT_FILE, map_location=s.device, weights_only=True)
     s.defense.model.load_state_dict(state["model"])
     s.optimizer.load_state_dict(state["optimizer"])
     if s.scheduler is not None and state["scheduler"] is not None:
         s.scheduler.load_state_dict(state["scheduler"])
     s.defense.load_state_dict(state["defense_state"])
-    return int(state["epoch"]), float(state["train_seconds"])
+    return int(state["epoch"]), float(state["train_seconds"]), str(state.get("started_at", ""))
 
 
 def train(s: TrialSetup, epochs: int, start_epoch: int = 0, on_epoch=None,

@@ -22,7 +22,7 @@ import torch
 
 from defenses.core import data as data_lib
 from defenses.core.base import TrainingDiverged
-from orchestrator.records import COMPLETED, FAILED, TrialRecord
+from orchestrator.records import COMPLETED, FAILED, TrialRecord, iso_utc
 from orchestrator.spec import SweepSpec
 from orchestrator.training import (CHECKPOINT_FILE, Parallel, SingleProcess, TrialSetup,
                                    all_test_images, build_setup, load_checkpoint, save_checkpoint,
@@ -91,6 +91,7 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
         reporter = LocalReporter(folder / (config.get("trial_id") or uuid.uuid4().hex[:8]),
                                  config.get("trial_id"))
     record = new_record(config, spec, reporter.trial_id)
+    record.started_at = iso_utc()
     base = {"defense": defense_name, "epochs": spec.epochs}
     chief = parallel.rank == 0
     try:
@@ -102,7 +103,8 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
         restored = reporter.restore()
         record.warning = getattr(reporter, "warning", "")
         if restored is not None:
-            start_epoch, seconds_before = load_checkpoint(restored, s)
+            start_epoch, seconds_before, started = load_checkpoint(restored, s)
+            record.started_at = started or record.started_at
             log.info("trial %s resumed after epoch %d", reporter.trial_id, start_epoch)
             done = saved_record(restored, spec)
             if done is not None:  # it had finished: report it again, do not redo it
@@ -114,7 +116,8 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
             record.epochs = epoch
             with tempfile.TemporaryDirectory() as tmp:
                 if chief:
-                    save_checkpoint(Path(tmp), s, epoch, seconds_before + seconds)
+                    save_checkpoint(Path(tmp), s, epoch, seconds_before + seconds,
+                                    started_at=record.started_at)
                 reporter.report({**base, "epoch": epoch, "status": "running", "start_epoch": start_epoch,
                                  "clean_acc": math.nan, "robust_acc": math.nan, **metrics,
                                  **{f"flag.{k}": v for k, v in s.defense.flags().items()}},
@@ -130,20 +133,23 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
                 report = _evaluate(s)
             record.set_evaluation(report)
             broken = report.broken()
+        record.finished_at = iso_utc()
         with tempfile.TemporaryDirectory() as tmp:
             if chief:
-                save_checkpoint(Path(tmp), s, record.epochs, record.train_seconds, record, broken)
+                save_checkpoint(Path(tmp), s, record.epochs, record.train_seconds, record, broken,
+                                started_at=record.started_at)
             reporter.report(final_metrics(record, spec.epochs, start_epoch), Path(tmp) if chief else None)
         return record
     except TrainingDiverged as e:
         # deterministic: a retry would diverge again, so the trial ends failed, the sweep goes on
-        record.status, record.error = FAILED, str(e)
+        record.status, record.error, record.finished_at = FAILED, str(e), iso_utc()
         if parallel.world_size > 1:
             raise  # the other ranks wait in a collective: the launcher ends them and reports it
         reporter.report(final_metrics(record, spec.epochs), None)
         return record
     except Exception as e:
         record.status, record.error = FAILED, f"{type(e).__name__}: {e}"
+        record.finished_at = iso_utc()
         log.error("trial %s failed:\n%s", reporter.trial_id, traceback.format_exc())
         if parallel.world_size == 1:
             reporter.report(final_metrics(record, spec.epochs), None)

@@ -24,7 +24,7 @@ import pyarrow.fs
 import torch
 from ray import tune
 
-from orchestrator.records import FAILED, TrialRecord, save_record
+from orchestrator.records import FAILED, TrialRecord, iso_utc, save_record
 from orchestrator.spec import SweepSpec
 from orchestrator.trial import final_metrics, new_record, run_trial
 from orchestrator.training import CHECKPOINT_FILE
@@ -307,7 +307,7 @@ class RecordWriter(tune.Callback):
             record = TrialRecord(
                 trial_id=trial.trial_id, defense=self.defense, dataset=self.spec.dataset,
                 model=self.spec.model, seed=self.spec.seed, hp=dict(trial.config.get("hp", {})),
-                status=FAILED, error=error_reason(trial), run_id=self.run_id)
+                status=FAILED, error=error_reason(trial), run_id=self.run_id, finished_at=iso_utc())
             self._final[trial.trial_id] = record
         # how many times it ran and failed: 1 + the retries FailureConfig allowed
         record.metrics = {**record.metrics, "failures": float(trial.num_failures)}

@@ -236,7 +236,7 @@ def test_the_realized_fpr_is_measured_on_every_test_image_given(mnist, base):
 
     d = _built(FeatureSqueezing, {}, 0.05, _with_validation(mnist), base)
     x, y = mnist.test_x[:40], mnist.test_y[:40]
-    spec = EvalSpec(eps=(EPS,), attacks=("fgsm",), masking=None)
+    spec = EvalSpec(eps=(EPS,), attacks=("fgsm",), masking=None, adaptive=False)
     report = evaluate(d, (x, y), spec, fpr_images=mnist.test_x)
     with torch.no_grad():
         rejected = torch.cat([d.predict(mnist.test_x[i:i + 250]).rejected for i in range(0, 1000, 250)])

@@ -1,5 +1,6 @@
 """run_trial from plain Python: determinism, resume, divergence, and the baselines' contract."""
 import copy
+import datetime
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch
 from defenses.core import registry
 from defenses.core.base import ThreatModel
 from defenses.fgsm_rs import FGSMRS
-from orchestrator.records import COMPLETED, FAILED
+from orchestrator.records import COMPLETED, FAILED, TrialRecord
 from orchestrator.spec import parse
 from orchestrator.trial import LocalReporter, run_trial
 
@@ -66,6 +67,10 @@ def test_resumed_trial_ends_where_an_uninterrupted_one_does(tmp_path):
     assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
     assert resumed.clean_acc == full.results[-1]["clean_acc"]
     assert [r["epoch"] for r in part.results] == [1, 1, 2, 2]  # resumed at epoch 2 only
+    # started_at is the first start's, kept through the checkpoint; finished_at the last end
+    first = TrialRecord.from_dict(part.results[1]["record"])
+    assert resumed.started_at == first.started_at < first.finished_at < resumed.finished_at
+    assert datetime.datetime.fromisoformat(resumed.finished_at).tzinfo == datetime.timezone.utc
 
 
 def test_per_epoch_reports_then_a_final_record(tmp_path):
