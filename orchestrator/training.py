@@ -25,7 +25,7 @@ from defenses.core import cache
 from defenses.core import data as data_lib
 from defenses.core import models as model_lib
 from defenses.core import registry
-from defenses.core.base import BaseModelRequest, Defense
+from defenses.core.base import BaseModelRequest, Defense, cudnn_mode
 from orchestrator.records import TrialRecord
 from orchestrator.spec import SweepSpec, split_hp
 
@@ -259,8 +259,12 @@ def load_checkpoint(folder: Path, s: TrialSetup) -> tuple[int, float, str]:
 def train(s: TrialSetup, epochs: int, start_epoch: int = 0, on_epoch=None,
           parallel: Parallel | None = None) -> float:
     """The training loop shared by trials (one process or data-parallel ranks) and base
-    models; returns training seconds."""
-    parallel = parallel or SingleProcess()
+    models; returns training seconds. cuDNN autotunes its kernels (fixed batch shapes)."""
+    with cudnn_mode(benchmark=True, deterministic=False):
+        return _train(s, epochs, start_epoch, on_epoch, parallel or SingleProcess())
+
+
+def _train(s: TrialSetup, epochs: int, start_epoch: int, on_epoch, parallel: Parallel) -> float:
     seconds = 0.0
     for epoch in range(start_epoch + 1, epochs + 1):
         t0 = time.perf_counter()

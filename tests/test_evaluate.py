@@ -312,3 +312,33 @@ def test_fronts_by_eps_swap_in_each_curve_column():
     fronts = fronts_by_eps(curve_trials(2))
     assert [objs for objs, _ in fronts.values()] == [
         ("clean_acc", "robust_acc@0.1"), ("clean_acc", "robust_acc@0.2"), ("clean_acc", "robust_acc@0.3")]
+
+
+def test_evaluation_runs_with_deterministic_cudnn_and_gives_the_flags_back():
+    # shrinking cascade subsets: no autotuning per shape, and deterministic kernels so that an
+    # input-gradient prediction cannot flip a near-tie label between two runs (GPU only)
+    import torch.nn as nn
+
+    from defenses.core.base import cudnn_mode
+
+    seen = []
+
+    class Probe(nn.Linear):
+        def forward(self, x):
+            seen.append((torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic))
+            return super().forward(x.flatten(1))
+
+    class Plain(Defense):
+        name = "probe"
+
+        def train_epoch(self, batches, optimizer, epoch, scheduler=None):
+            return {}
+
+    before = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    with cudnn_mode(benchmark=True, deterministic=False):
+        x, y = torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)
+        ev.evaluate(Plain(Probe(64, 10), None, ThreatModel(0.1)), (x, y),
+                    ev.EvalSpec(eps=(0.1,), attacks=("fgsm",), masking=None, adaptive=False))
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (True, False)
+    assert seen and set(seen) == {(False, True)}
+    assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == before

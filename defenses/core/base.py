@@ -7,9 +7,10 @@ what ``predict`` computes, never the bare model when the defense adds anything t
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -238,3 +239,19 @@ def predict_labels(defense: Defense, x: torch.Tensor, batch_size: int
             preds.append(logits.argmax(1))
             rejected.append(rej if rej is not None else torch.zeros_like(preds[-1], dtype=torch.bool))
     return torch.cat(preds), torch.cat(rejected)
+
+
+@contextlib.contextmanager
+def cudnn_mode(benchmark: bool, deterministic: bool) -> Iterator[None]:
+    """cuDNN's autotuner and determinism for a block, restored after (no effect on the CPU).
+    Training has fixed shapes, where ``benchmark`` picks the fastest kernels once; an
+    evaluation attacks shrinking subsets of the points (a new shape at every cascade step),
+    where autotuning each shape costs more than it saves, and its ``deterministic`` kernels
+    keep a defense whose prediction takes an input gradient (SAD, the Grad-CAM detector, JSD)
+    from flipping near-tie labels between two runs of the same checkpoint."""
+    before = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = benchmark, deterministic
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before

@@ -59,7 +59,7 @@ import torch
 from defenses import attacks as attack_lib
 from defenses.evaluation import masking as masking_lib
 from defenses.attacks import Attack, check_images, frozen_eval
-from defenses.core.base import Defense, predict_labels
+from defenses.core.base import Defense, cudnn_mode, predict_labels
 from defenses.evaluation.results import EvalResult
 
 log = logging.getLogger(__name__)
@@ -384,6 +384,12 @@ def evaluate(defense: Defense, data: tuple[torch.Tensor, torch.Tensor], spec: Ev
     ``benchmark``): the sweep's final evaluation starts from what the search already found.
     ``fpr_images``: clean test images a detector's realized FPR is measured on (default: the
     evaluated points); it costs one clean pass, so a trial passes its whole test split."""
+    with cudnn_mode(benchmark=False, deterministic=True):
+        return _evaluate(defense, data, spec, known, fpr_images)
+
+
+def _evaluate(defense: Defense, data: tuple[torch.Tensor, torch.Tensor], spec: EvalSpec,
+              known: dict[float, torch.Tensor] | None, fpr_images: torch.Tensor | None) -> Report:
     x, y = data
     known = known or {}
     start = time.perf_counter()
