@@ -353,18 +353,24 @@ def knee(front_df: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES)
     distance on the side of the ideal point (1, 1): a point bulging towards the origin is a
     poor trade-off, not a knee. When no point lies strictly beyond that line (1-2 points, a
     straight or concave front) or with other than 2 objectives, the knee is the point with the
-    largest sum of normalized objectives. Ties go to the first row in ``front_df`` order."""
+    largest sum of normalized objectives. Ties go to the larger last objective (robust accuracy
+    for the default ones), then the one before: the same front gives the same knee whatever
+    order its rows come in (records are read in trial-id order, and ids are random)."""
     if front_df.empty:
         raise ValueError("knee of an empty front is undefined")
     points = _objective_matrix(front_df, objectives)
     span = points.max(axis=0) - points.min(axis=0)
     norm = np.divide(points - points.min(axis=0), span,
                      out=np.zeros_like(points), where=span > 0)
+    score = norm.sum(axis=1)
     if norm.shape[1] == 2 and len(norm) >= 3:
         dist = _signed_distance_to_chord(norm)
         if dist.max() > 0:
-            return front_df.index[int(np.argmax(dist))]
-    return front_df.index[int(np.argmax(norm.sum(axis=1)))]
+            score = dist
+    best = np.flatnonzero(np.isclose(score, score.max(), rtol=0, atol=1e-12))
+    # among the tied: the largest last objective, then the one before (lexsort keys: last = primary)
+    pick = best[np.lexsort(points[best].T)[-1]]
+    return front_df.index[int(pick)]
 
 
 def _signed_distance_to_chord(norm: np.ndarray) -> np.ndarray:
