@@ -33,7 +33,8 @@ def _imports(name: str, file: Path, known: set[str]) -> set[str]:
             if node.level:
                 up = package.split(".")[:len(package.split(".")) - node.level + 1]
                 base = ".".join(up + ([base] if base else []))
-            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            # ``from P import m`` of a submodule depends on P.m; of a name defined in P, on P
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
         else:
             continue
         found.update(t for t in targets if t in known and t != name)
