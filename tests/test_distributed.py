@@ -302,13 +302,24 @@ def _checksums(modules) -> list[float]:
     return [float(t.double().sum()) for m in modules for t in list(m.parameters()) + list(m.buffers())]
 
 
-def _setup_rank(rank: int, world: int, init_file: str, out: str) -> None:
+@contextlib.contextmanager
+def base_model(path: Path):
+    """``build_setup`` loads ``path`` as the base model (a node's own copy), and ensure_base is
+    given back after: the parent process runs later tests that train real base models."""
     import orchestrator.training as training
+
+    real = training.ensure_base
+    training.ensure_base = lambda *args, **kwargs: path
+    try:
+        yield
+    finally:
+        training.ensure_base = real
+
+
+def _setup_rank(rank: int, world: int, init_file: str, out: str) -> None:
     from orchestrator.training import build_setup
 
-    with gloo(rank, world, init_file):
-        base = _own_base(rank, Path(out))
-        training.ensure_base = lambda *args, **kwargs: base  # this rank's node-local base model
+    with gloo(rank, world, init_file), base_model(_own_base(rank, Path(out))):  # node-local base
         spec = parse({"defenses": ["atat"], "train_samples": 100, "batch_size": 50,
                       "resources": {"workers_per_trial": world}})
         parallel = TorchDistributed(torch.device("cpu"))
@@ -331,12 +342,11 @@ def test_every_rank_holds_rank_0_s_weights_after_setup(tmp_path):
 # --- per-rank loops that stop after N examples agree on their collectives ---------------------
 
 def _sad_setup(base: Path, parallel):
-    import orchestrator.training as training
     from orchestrator.training import build_setup
 
-    training.ensure_base = lambda *args, **kwargs: base
     spec = parse({"defenses": ["sad"], "train_samples": 600, "batch_size": 128})
-    return build_setup(spec, "sad", {}, torch.device("cpu"), None, parallel=parallel)
+    with base_model(base):
+        return build_setup(spec, "sad", {}, torch.device("cpu"), None, parallel=parallel)
 
 
 def _bn_stats(model) -> dict[str, torch.Tensor]:
@@ -361,16 +371,17 @@ def test_sad_bn_pass_on_unequal_shards_neither_hangs_nor_differs_from_one_proces
     for rank in range(3):
         got = torch.load(tmp_path / f"bn{rank}.pt", weights_only=True)
         for k, v in ref.items():
-            assert torch.allclose(got[k].double(), v.double(), rtol=1e-4, atol=1e-5), (rank, k)
+            # float32: the shards' input-gradient steps round differently from the whole
+            # batch's (seen: 4e-4 relative); ranks counting their own shards would have taken
+            # 774 images instead of 256, statistics some percent apart (and hung first)
+            assert torch.allclose(got[k].double(), v.double(), rtol=2e-3, atol=1e-4), (rank, k)
 
 
 def _fs_rank(rank: int, world: int, init_file: str, out: str) -> None:
-    import orchestrator.training as training
     from orchestrator.training import build_setup
 
-    with gloo(rank, world, init_file, 60):
-        base = _own_base(rank, Path(out))  # different per rank: the broadcast makes them one
-        training.ensure_base = lambda *args, **kwargs: Path(out) / "base0.pt" if rank == 0 else base
+    own = _own_base(rank, Path(out))  # different per rank: the broadcast makes them one
+    with gloo(rank, world, init_file, 60), base_model(own):
         spec = parse({"defenses": ["feature_squeezing"], "train_samples": 300, "batch_size": 100,
                       "validation_samples": 500})
         parallel = TorchDistributed(torch.device("cpu"))
@@ -380,20 +391,15 @@ def _fs_rank(rank: int, world: int, init_file: str, out: str) -> None:
 
 
 def test_a_detector_threshold_on_ranks_is_the_one_process_threshold(tmp_path):
-    import orchestrator.training as training
     from orchestrator.training import build_setup
 
     mp.start_processes(_fs_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
                        start_method="spawn")
-    training_ensure = training.ensure_base
-    try:
-        training.ensure_base = lambda *args, **kwargs: tmp_path / "base0.pt"
-        spec = parse({"defenses": ["feature_squeezing"], "train_samples": 300, "batch_size": 100,
-                      "validation_samples": 500})
+    spec = parse({"defenses": ["feature_squeezing"], "train_samples": 300, "batch_size": 100,
+                  "validation_samples": 500})
+    with base_model(tmp_path / "base0.pt"):
         s = build_setup(spec, "feature_squeezing", {}, torch.device("cpu"), None)
-        train(s, 1)
-    finally:
-        training.ensure_base = training_ensure
+    train(s, 1)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"threshold{rank}.pt", weights_only=True).item()
         # float32 kernels with another thread count differ in the last bits (seen: 4e-6);
