@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from defenses.core.cache import atomic_write  # noqa: E402
+
 BENCHMARKS = {"b1": "bench.b1_step", "b2": "bench.b2_attacks", "b3": "bench.b3_overhead",
               "b4": "bench.b4_search", "b5": "bench.b5_aggregate"}
 
@@ -43,9 +45,7 @@ def rewrite(md: Path, key: str, body: str) -> None:
     block = f"<!-- bench:{key} -->\n{body.rstrip()}\n<!-- /bench:{key} -->"
     pattern = re.compile(rf"<!-- bench:{key} -->.*?<!-- /bench:{key} -->", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    tmp = md.with_suffix(md.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(md)
+    atomic_write(md, lambda tmp: tmp.write_text(text))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from defenses.core import data as data_lib  # noqa: E402
 from defenses.core import models as model_lib  # noqa: E402
+from defenses.core.cache import atomic_write  # noqa: E402
 from defenses.atat import ATAT, ATATParams  # noqa: E402
 from defenses.core.base import NoParams, ThreatModel  # noqa: E402
 from defenses.evaluation.benchmark import benchmark  # noqa: E402
@@ -86,9 +87,7 @@ def run_all(args, run_dir: Path, results: dict) -> None:
 
 
 def save(run_dir: Path, results: dict) -> None:
-    tmp = run_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(run_dir / "results.json")
+    atomic_write(run_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
 
 
 def best_atat(results: dict) -> str:
@@ -249,9 +248,7 @@ def write_doc(path: Path, generated: str) -> None:
         text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def main() -> None:

@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from defenses import attacks as attack_lib  # noqa: E402
 from defenses.core import data as data_lib  # noqa: E402
+from defenses.core.cache import atomic_write  # noqa: E402
 from defenses.attacks.detector_aware import ExtraClassCW, OrthogonalPGD  # noqa: E402
 from defenses.evaluation.detection import DetectorReport, craft, detection_report  # noqa: E402
 from defenses.evaluation.benchmark import benchmark  # noqa: E402
@@ -114,9 +115,7 @@ def cached(path: Path, make):
     if path.is_file():
         return torch.load(path, weights_only=True)
     value = make()
-    tmp = path.with_suffix(".tmp")
-    torch.save(value, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: torch.save(value, tmp))
     return value
 
 
