@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from defenses.attacks import frozen_eval  # noqa: E402
 from defenses.attacks.apgd import APGD  # noqa: E402
 from defenses.attacks.external import torchattacks  # noqa: E402
+from orchestrator.cli import BadInput, add_device_options, device_of  # noqa: E402
 from orchestrator.evaluate import eval_data, load_spec_file, local_checkpoint, restore  # noqa: E402
 from orchestrator.records import load_records  # noqa: E402
 
@@ -52,13 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eps", type=float, default=0.3)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--targets", type=int, default=3)
+    add_device_options(p, threads=1)
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
+    try:
+        device = device_of(args)
+    except BadInput as e:
+        p.error(str(e))
     spec = load_spec_file(args.run / "spec.json")
     records = {r.trial_id: r for r in load_records(args.run)}
     print("| trial | attack | robust acc | seconds | max L∞ |\n|---|---|---|---|---|")
     for tid in args.trials.split(","):
-        s = restore(local_checkpoint(records[tid].checkpoint), spec, args.run, torch.device("cpu"))
+        s = restore(local_checkpoint(records[tid].checkpoint), spec, args.run, device)
         model = s.defense.predictor()
         x, y = eval_data(s, args.samples)
         with frozen_eval(s.defense.model):

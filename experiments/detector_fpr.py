@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from defenses.core import data as data_lib  # noqa: E402
 from defenses.attacks import frozen_eval  # noqa: E402
 from defenses.core.base import predict_labels  # noqa: E402
+from orchestrator.cli import BadInput, add_device_options, device_of  # noqa: E402
 from orchestrator.evaluate import load_spec_file, local_checkpoint, restore  # noqa: E402
 from orchestrator.records import load_records  # noqa: E402
 from orchestrator.spec import load, parse  # noqa: E402
@@ -37,8 +38,12 @@ def main() -> None:
     p.add_argument("--validation-samples", type=int, default=None)
     p.add_argument("--checkpoints", action="store_true",
                    help="measure the run's own trials (their checkpoints) instead of retraining")
+    add_device_options(p, threads=2)
     args = p.parse_args()
-    torch.set_num_threads(2)
+    try:
+        device = device_of(args)
+    except BadInput as e:
+        p.error(str(e))
     raw = load(preset=args.preset).model_dump()
     if args.validation_samples is not None:
         raw["validation_samples"] = args.validation_samples
@@ -49,11 +54,11 @@ def main() -> None:
             continue
         if args.checkpoints:
             spec = load_spec_file(args.run / "spec.json")
-            s = restore(local_checkpoint(rec.checkpoint), spec, args.run, torch.device("cpu"))
+            s = restore(local_checkpoint(rec.checkpoint), spec, args.run, device)
         else:
-            s = build_setup(spec, rec.defense, rec.hp, torch.device("cpu"), work)
+            s = build_setup(spec, rec.defense, rec.hp, device, work)
             train(s, spec.epochs)
-        x = data_lib.as_float(s.data.test_x)
+        x = data_lib.as_float(s.data.test_x, s.device)
         with frozen_eval(s.defense.model):
             _, rejected = predict_labels(s.defense, x, 500)
         k, n = int(rejected.sum()), len(rejected)

@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 from defenses.attacks import frozen_eval  # noqa: E402
 from defenses.core.base import predict_labels  # noqa: E402
+from orchestrator.cli import BadInput, add_device_options, device_of  # noqa: E402
 from orchestrator.evaluate import eval_data, load_spec_file, local_checkpoint, restore  # noqa: E402
 
 
@@ -54,12 +55,15 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=None,
                    help="test images (default: the run's final_samples, else all)")
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--trials", default=None,
                    help="comma-separated trial ids of RUN/trials.csv instead of pareto.csv's members")
+    add_device_options(p, threads=2)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
+    try:
+        device = device_of(args)
+    except BadInput as e:
+        p.error(str(e))
     spec = load_spec_file(args.run / "spec.json")
     if args.trials:
         rows_of = pd.read_csv(args.run / "trials.csv", dtype={"trial_id": str})
@@ -68,7 +72,7 @@ def main() -> None:
         front = pd.read_csv(args.run / "pareto.csv", dtype={"trial_id": str})
     rows = []
     for _, r in front.iterrows():
-        s = restore(local_checkpoint(r.checkpoint), spec, args.run, torch.device("cpu"))
+        s = restore(local_checkpoint(r.checkpoint), spec, args.run, device)
         n = args.samples or spec.final_samples or len(s.data.test_y)
         x, y = eval_data(s, n)
         t0 = time.perf_counter()

@@ -29,6 +29,7 @@ from defenses.core import data as data_lib  # noqa: E402
 from defenses.attacks import frozen_eval  # noqa: E402
 from defenses.core.base import predict_labels  # noqa: E402
 from defenses.evaluation.benchmark import benchmark  # noqa: E402
+from orchestrator.cli import BadInput, add_device_options, device_of  # noqa: E402
 from orchestrator.spec import PRESETS, build_space, parse  # noqa: E402
 from orchestrator.training import build_setup, train  # noqa: E402
 
@@ -92,10 +93,14 @@ def main() -> None:
     p.add_argument("--aa", default="standard",
                    help="'standard', or comma-separated components of it at its budgets, e.g. "
                         "apgd-ce,apgd-t (FAB-T runs for many minutes per model on one CPU core)")
+    add_device_options(p, threads=1)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("auto-attack").setLevel(logging.DEBUG)  # per-attack accuracy and seconds
-    torch.set_num_threads(1)
+    try:
+        device = device_of(args)
+    except BadInput as e:
+        p.error(str(e))
     raw = dict(PRESETS["default"])
     raw["defenses"] = args.defenses.split(",")
     spec = parse(raw)
@@ -103,7 +108,7 @@ def main() -> None:
     out: dict = {}
     for name in spec.defenses:
         hp = defaults(spec, name)
-        s = build_setup(spec, name, hp, torch.device("cpu"), run_dir)
+        s = build_setup(spec, name, hp, device, run_dir)
         weights = run_dir / f"{name}.pt"
         if weights.is_file():
             s.defense.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["defense"])
@@ -112,8 +117,8 @@ def main() -> None:
             train(s, spec.epochs)
             run_dir.mkdir(parents=True, exist_ok=True)
             torch.save({"model": s.defense.model.state_dict(), "defense": s.defense.state_dict()}, weights)
-        x = data_lib.as_float(s.data.test_x[:args.samples])
-        y = s.data.test_y[:args.samples]
+        x = data_lib.as_float(s.data.test_x[:args.samples], device)
+        y = s.data.test_y[:args.samples].to(device)
         row: dict = {"hp": hp}
         kept = run_dir / f"{name}-aa-{args.aa}-{args.samples}.json"  # AutoAttack is the slow part
         if kept.is_file():

@@ -30,3 +30,30 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise BadInput(f"{message} (see --help)")
+
+
+def add_device_options(parser: argparse.ArgumentParser, threads: int = 1) -> None:
+    """``--device`` and ``--threads`` for the experiment and benchmark scripts (``device_of``)."""
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--threads", type=int, default=threads,
+                        help=f"torch CPU threads (default: {threads})")
+
+
+def device_of(args: argparse.Namespace):
+    """The ``torch.device`` of ``--device`` with ``--threads`` set; ``BadInput`` for a device
+    this process cannot use (torch is imported here: the aggregator's CLI stays torch-free)."""
+    import torch
+
+    if args.threads < 1:
+        raise BadInput(f"--threads={args.threads} must be at least 1")
+    torch.set_num_threads(args.threads)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise BadInput(f"--device {args.device!r} is no device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"--device {args.device}: this process sees no CUDA device "
+                       f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise BadInput(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
