@@ -42,11 +42,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from defenses.core import cache
 
 log = logging.getLogger(__name__)
 
@@ -225,12 +228,34 @@ class TorchDistributed:
                 dist.broadcast(t.data, src=0)
         return model
 
+    def shared_base(self, make, local: Path) -> Path:
+        """Rank 0's base checkpoint on every rank. Rank 0 trains or reads it (``make``); a
+        rank whose own copy (``local``: its node's run folder, unless all nodes share one) is
+        missing or has other bytes gets rank 0's written there. So every rank's ``setup``
+        loads the same teacher or classifier, and what it derives from it (SAT's maps, a
+        detector's classifier fingerprint and caches) is the same; no rank trains a base."""
+        path = make() if self.rank == 0 else local
+        info = [cache.file_digest(path)] if self.rank == 0 else [None]
+        dist.broadcast_object_list(info, src=0)
+        need = self.rank != 0 and not (local.is_file() and cache.file_digest(local) == info[0])
+        flags = torch.tensor([1.0 if need else 0.0], device=self._collective_device())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags.item() > 0:
+            payload = [path.read_bytes()] if self.rank == 0 else [None]
+            dist.broadcast_object_list(payload, src=0)
+            if need:
+                cache.atomic_write(local, lambda tmp: tmp.write_bytes(payload[0]))
+        return path
+
+    def _collective_device(self) -> torch.device:
+        return self._device if self._device.type == "cuda" else torch.device("cpu")
+
     def synchronize_setup(self, defense: Any) -> None:
         """Rank 0's weights in every module the defense holds once ``setup`` ran (the model,
-        a teacher, Φ⁰, a detector network): each node loads its own copy of the base models
-        (trained per node when the run folder is node-local, and GPU training is not bitwise
-        deterministic), so the ranks could otherwise start from different ones and never
-        meet again. The attributes are walked in the same order on every rank."""
+        a teacher, Φ⁰, a detector network). Every rank loaded the same base checkpoint
+        (``shared_base``), but what setup trains from it (a masking model) runs on each rank's
+        GPU, which is not bitwise deterministic; the ranks would start apart and never meet
+        again. The attributes are walked in the same order on every rank."""
         modules = [defense.model] + [m for m in vars(defense).values()
                                      if isinstance(m, nn.Module) and m is not defense.model]
         with torch.no_grad():
@@ -302,7 +327,7 @@ class TorchDistributed:
         self.sync_buffers()
         keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
         w = float(max(self.examples, 1))
-        device = self._device if self._device.type == "cuda" else torch.device("cpu")
+        device = self._collective_device()
         packed = torch.tensor([w, 1.0 if stop else 0.0] + [float(metrics[k]) * w for k in keys],
                               dtype=torch.float64, device=device)
         stop_t = packed[1:2].clone()

@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 import torch.nn as nn
@@ -42,6 +42,8 @@ class Parallel(Protocol):
 
     def prepare_model(self, model: nn.Module) -> nn.Module: ...
 
+    def shared_base(self, make: Callable[[], Path], local: Path) -> Path: ...
+
     def synchronize_setup(self, defense: Defense) -> None: ...
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> Any: ...
@@ -62,6 +64,9 @@ class SingleProcess:
 
     def prepare_model(self, model):
         return model
+
+    def shared_base(self, make, local):
+        return make()
 
     def synchronize_setup(self, defense):
         pass
@@ -156,7 +161,8 @@ def build_setup(spec: SweepSpec, defense_name: str, hp: dict[str, Any], device: 
         # otherwise the first trial of a sweep and its re-run from the cache would differ.
         cuda = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
-            base_path = ensure_base(spec, request, run_dir, device)
+            base_path = parallel.shared_base(lambda: ensure_base(spec, request, run_dir, device),
+                                             base_checkpoint(spec, request, run_dir))
     defense.setup(dataset, base_path)
     parallel.synchronize_setup(defense)
 
@@ -191,12 +197,17 @@ def base_key(spec: SweepSpec, request: BaseModelRequest) -> str:
     return f"{spec.dataset}-{spec.model}-{request.defense}-s{spec.seed}-{digest}"
 
 
+def base_checkpoint(spec: SweepSpec, request: BaseModelRequest, run_dir: Path | None) -> Path:
+    """Where ``ensure_base`` keeps the checkpoint of ``request`` under ``run_dir``."""
+    return Path(run_dir or tempfile.gettempdir()) / "bases" / base_key(spec, request) / CHECKPOINT_FILE
+
+
 def ensure_base(spec: SweepSpec, request: BaseModelRequest, run_dir: Path | None,
                 device: torch.device) -> Path:
     """The checkpoint of the base model ``request`` names, trained with this module's loop
     the first time any trial of the run asks for it and read from ``RUN_DIR/bases`` after
     (``defenses.core.cache.build_once``: concurrent trials wait instead of training twice)."""
-    folder = Path(run_dir or tempfile.gettempdir()) / "bases" / base_key(spec, request)
+    folder = base_checkpoint(spec, request, run_dir).parent
 
     def build(tmp: Path) -> None:
         epochs = request.epochs or spec.epochs

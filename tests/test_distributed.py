@@ -284,69 +284,70 @@ def test_second_order_losses_through_synced_batchnorm_match_one_process(tmp_path
             assert diff <= 1e-6 * max(scale, 1.0), (rank, name, diff, scale)
 
 
-# --- every rank starts from rank 0's weights, whatever base model its node loaded -------------
+# --- every rank starts from rank 0's base model, whatever its node had ----------------------
 
-def _own_base(rank: int, folder: Path) -> Path:
-    """A standard classifier checkpoint that differs per rank (as two nodes' base models do
-    when each trained its own: GPU kernels are not bitwise deterministic)."""
-    torch.manual_seed(100 + rank)
-    model = models.build("small_cnn", 10, 1)
-    path = folder / f"base{rank}.pt"
+def _place_base(node: Path, spec, defense: str, seed: int) -> bytes:
+    """A standard classifier as ``defense``'s base model in ``node``'s run folder, where
+    ``ensure_base`` finds it; different seeds stand for two nodes that each trained their own
+    (GPU kernels are not bitwise deterministic). Returns its bytes."""
+    from orchestrator.training import base_checkpoint
+
+    cls = registry.get(defense)
+    path = base_checkpoint(spec, cls.base_model(cls.make_params({})), node)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
     meta = {"dataset": "mnist5k", "model": "small_cnn", "defense": "standard", "num_classes": 10,
             "in_channels": 1, "seed": 0, "hp": {}}
-    torch.save({"model": model.state_dict(), "meta": meta}, path)
-    return path
+    torch.save({"model": models.build("small_cnn", 10, 1).state_dict(), "meta": meta}, path)
+    return path.read_bytes()
 
 
 def _checksums(modules) -> list[float]:
     return [float(t.double().sum()) for m in modules for t in list(m.parameters()) + list(m.buffers())]
 
 
-@contextlib.contextmanager
-def base_model(path: Path):
-    """``build_setup`` loads ``path`` as the base model (a node's own copy), and ensure_base is
-    given back after: the parent process runs later tests that train real base models."""
-    import orchestrator.training as training
-
-    real = training.ensure_base
-    training.ensure_base = lambda *args, **kwargs: path
-    try:
-        yield
-    finally:
-        training.ensure_base = real
+SETUP_SPEC = {"defenses": ["saliency_detector"], "train_samples": 300, "batch_size": 50,
+              "validation_samples": 200}
 
 
 def _setup_rank(rank: int, world: int, init_file: str, out: str) -> None:
     from orchestrator.training import build_setup
 
-    with gloo(rank, world, init_file), base_model(_own_base(rank, Path(out))):  # node-local base
-        spec = parse({"defenses": ["atat"], "train_samples": 100, "batch_size": 50,
-                      "resources": {"workers_per_trial": world}})
-        parallel = TorchDistributed(torch.device("cpu"))
-        s = build_setup(spec, "atat", {}, torch.device("cpu"), None, parallel=parallel)
-        sums = _checksums([s.defense.model, s.defense.teacher])
-        torch.save(sums, Path(out) / f"sums{rank}.pt")
+    node, spec = Path(out) / f"node{rank}", parse(SETUP_SPEC)
+    placed = _place_base(node, spec, "saliency_detector", 100 + rank)
+    with gloo(rank, world, init_file):
+        s = build_setup(spec, "saliency_detector", {"detector": "id"}, torch.device("cpu"), node,
+                        parallel=TorchDistributed(torch.device("cpu")))
+        torch.save({"sums": _checksums([s.defense.model, s.defense.net]), "placed": placed,
+                    "fingerprint": s.defense.classifier_id}, Path(out) / f"setup{rank}.pt")
 
 
-def test_every_rank_holds_rank_0_s_weights_after_setup(tmp_path):
+def test_every_rank_sets_up_from_rank_0_s_base_model(tmp_path):
     mp.start_processes(_setup_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
                        start_method="spawn")
-    zero, one = (torch.load(tmp_path / f"sums{r}.pt", weights_only=True) for r in (0, 1))
-    assert zero == one
-    # and the bases did differ: rank 1 loaded another teacher before the broadcast
-    b0 = torch.load(tmp_path / "base0.pt", weights_only=True)["model"]
-    b1 = torch.load(tmp_path / "base1.pt", weights_only=True)["model"]
-    assert any(not torch.equal(b0[k], b1[k]) for k in b0 if b0[k].is_floating_point())
+    zero, one = (torch.load(tmp_path / f"setup{r}.pt", weights_only=True) for r in (0, 1))
+    assert zero["placed"] != one["placed"]  # the nodes' own base models differed
+    # every rank loaded rank 0's (written into rank 1's node folder), so the weights and what
+    # setup derives from them (here the detector's classifier fingerprint) are the same
+    from orchestrator.training import base_checkpoint
+
+    spec = parse(SETUP_SPEC)
+    request = registry.get("saliency_detector").base_model(None)
+    assert base_checkpoint(spec, request, tmp_path / "node1").read_bytes() == zero["placed"]
+    assert zero["sums"] == one["sums"] and zero["fingerprint"] == one["fingerprint"]
 
 
 # --- per-rank loops that stop after N examples agree on their collectives ---------------------
 
-def _sad_setup(base: Path, parallel):
+SAD_SPEC = {"defenses": ["sad"], "train_samples": 600, "batch_size": 128}
+
+
+def _sad_setup(node: Path, parallel):
     from orchestrator.training import build_setup
 
-    spec = parse({"defenses": ["sad"], "train_samples": 600, "batch_size": 128})
-    with base_model(base):
-        return build_setup(spec, "sad", {}, torch.device("cpu"), None, parallel=parallel)
+    spec = parse(SAD_SPEC)
+    _place_base(node, spec, "sad", 100)
+    return build_setup(spec, "sad", {}, torch.device("cpu"), node, parallel=parallel)
 
 
 def _bn_stats(model) -> dict[str, torch.Tensor]:
@@ -356,16 +357,15 @@ def _bn_stats(model) -> dict[str, torch.Tensor]:
 def _sad_rank(rank: int, world: int, init_file: str, out: str) -> None:
     with gloo(rank, world, init_file, 60):
         parallel = TorchDistributed(torch.device("cpu"), sync_batchnorm=True)
-        s = _sad_setup(Path(out) / "base0.pt", parallel)
+        s = _sad_setup(Path(out) / f"node{rank}", parallel)
         train(s, 1, parallel=parallel)  # SAD's BN pass: bn_samples=256 of batches 43/43/42
         torch.save(_bn_stats(s.defense.model), Path(out) / f"bn{rank}.pt")
 
 
 def test_sad_bn_pass_on_unequal_shards_neither_hangs_nor_differs_from_one_process(tmp_path):
-    base = _own_base(0, tmp_path)
     mp.start_processes(_sad_rank, args=(3, str(tmp_path / "init"), str(tmp_path)), nprocs=3,
                        start_method="spawn")  # a hang ends in gloo's 60 s timeout: an error
-    one = _sad_setup(base, SingleProcess())
+    one = _sad_setup(tmp_path / "alone", SingleProcess())
     train(one, 1)
     ref = _bn_stats(one.defense.model)
     for rank in range(3):
@@ -377,15 +377,18 @@ def test_sad_bn_pass_on_unequal_shards_neither_hangs_nor_differs_from_one_proces
             assert torch.allclose(got[k].double(), v.double(), rtol=2e-3, atol=1e-4), (rank, k)
 
 
+FS_SPEC = {"defenses": ["feature_squeezing"], "train_samples": 300, "batch_size": 100,
+           "validation_samples": 500}
+
+
 def _fs_rank(rank: int, world: int, init_file: str, out: str) -> None:
     from orchestrator.training import build_setup
 
-    own = _own_base(rank, Path(out))  # different per rank: the broadcast makes them one
-    with gloo(rank, world, init_file, 60), base_model(own):
-        spec = parse({"defenses": ["feature_squeezing"], "train_samples": 300, "batch_size": 100,
-                      "validation_samples": 500})
+    node, spec = Path(out) / f"node{rank}", parse(FS_SPEC)
+    _place_base(node, spec, "feature_squeezing", 100 + rank)  # rank 0's is the one used
+    with gloo(rank, world, init_file, 60):
         parallel = TorchDistributed(torch.device("cpu"))
-        s = build_setup(spec, "feature_squeezing", {}, torch.device("cpu"), None, parallel=parallel)
+        s = build_setup(spec, "feature_squeezing", {}, torch.device("cpu"), node, parallel=parallel)
         train(s, 1, parallel=parallel)  # the calibrating epoch
         torch.save(torch.tensor(s.defense.threshold), Path(out) / f"threshold{rank}.pt")
 
@@ -395,10 +398,9 @@ def test_a_detector_threshold_on_ranks_is_the_one_process_threshold(tmp_path):
 
     mp.start_processes(_fs_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
                        start_method="spawn")
-    spec = parse({"defenses": ["feature_squeezing"], "train_samples": 300, "batch_size": 100,
-                  "validation_samples": 500})
-    with base_model(tmp_path / "base0.pt"):
-        s = build_setup(spec, "feature_squeezing", {}, torch.device("cpu"), None)
+    spec = parse(FS_SPEC)
+    _place_base(tmp_path / "alone", spec, "feature_squeezing", 100)  # rank 0's base model
+    s = build_setup(spec, "feature_squeezing", {}, torch.device("cpu"), tmp_path / "alone")
     train(s, 1)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"threshold{rank}.pt", weights_only=True).item()
