@@ -122,13 +122,13 @@ def strongest_steps(specs: Iterable[object], default: int = DEFAULT_STEPS) -> in
     attacks; anything else is skipped): the budget of a defense's adaptive attacks, so that
     asking for stronger attacks strengthens those too (pgd-20 -> 20, ``standard`` -> 100)."""
     steps = []
-    for spec in specs:
-        if isinstance(spec, str) and spec in PRESET_ATTACKS:
+    for spec in (s for s in specs if isinstance(s, str)):  # built Attacks carry no name budget
+        if spec in PRESET_ATTACKS:
             steps.append(strongest_steps(PRESET_ATTACKS[spec], default))
             continue
         try:
-            kind, n, _ = parse(spec) if isinstance(spec, str) else (None, None, None)
-        except AttackNameError:
+            kind, n, _ = parse(spec)
+        except AttackNameError:  # other presets (adaptive, paper) decide their own budgets
             continue
         if kind in ITERATIVE:
             steps.append(n or default)

@@ -115,25 +115,22 @@ def cached_state(path: Path, build: Callable[[], dict[str, Any]], device: torch.
     once (``build_once``); a stored dict that is not ``valid`` is built again."""
     import torch
 
-    def load(p: Path) -> dict[str, Any] | None:
-        if not p.is_file():
-            return None
-        state = torch.load(p, map_location=device, weights_only=True)
-        return state if valid(state) else None
+    found: dict[str, Any] = {}  # the valid state a readiness check loaded: not loaded again
 
-    state = load(path)
-    if state is not None:
-        return state
-    built: dict[str, Any] = {}
+    def ready(p: Path) -> bool:
+        if p.is_file():
+            state = torch.load(p, map_location=device, weights_only=True)
+            if valid(state):
+                found.update(state)
+                return True
+        return False
 
     def write(tmp: Path) -> None:
-        built.update(build())
-        torch.save({k: v.cpu() if torch.is_tensor(v) else v for k, v in built.items()}, tmp)
+        found.update(build())
+        torch.save({k: v.cpu() if torch.is_tensor(v) else v for k, v in found.items()}, tmp)
 
-    build_once(path, write, ready=lambda p: load(p) is not None)
-    if not built:  # another process built it while this one waited on the lock
-        return load(path)
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in built.items()}
+    build_once(path, write, ready=ready)
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in found.items()}
 
 
 def _remove(path: Path) -> None:
