@@ -335,7 +335,7 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
                 interrupted = True
                 break
             close_orphan_trials(spec, defense, out)
-            name_objectives(spec, out)
+            name_objectives(spec, defense, out)
     except KeyboardInterrupt:
         interrupted = True
     finally:

@@ -400,18 +400,16 @@ def make_searcher(spec: SweepSpec, defense: str, run_dir: Path):
                         study_name=study_name(spec, defense), storage=optuna_storage(run_dir))
 
 
-def name_objectives(spec: SweepSpec, run_dir: Path) -> int:
-    """Give each defense's study the names of its objectives (``clean_acc``, ``robust_acc``,
+def name_objectives(spec: SweepSpec, defense: str, run_dir: Path) -> bool:
+    """Give ``defense``'s study the names of its objectives (``clean_acc``, ``robust_acc``,
     ...), so optuna-dashboard labels its axes; the values stay the search-time numbers the
-    sampler learnt from (the final ones are in trials.csv). Returns how many were named."""
+    sampler learnt from (the final ones are in trials.csv). Returns whether it was named now."""
     import optuna
 
-    named = 0
-    for defense in spec.defenses:
-        study = _study(spec, defense, run_dir)
-        if study is not None and study.metric_names != list(spec.objectives):
-            with warnings.catch_warnings():  # "experimental" since Optuna 3.2, unchanged through 5
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.set_metric_names(list(spec.objectives))
-            named += 1
-    return named
+    study = _study(spec, defense, run_dir)
+    if study is None or study.metric_names == list(spec.objectives):
+        return False
+    with warnings.catch_warnings():  # "experimental" since Optuna 3.2, unchanged through 5
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(spec.objectives))
+    return True
