@@ -53,8 +53,10 @@ def test_dlr_matches_hand_computed_values():
 @pytest.mark.parametrize("name,theirs", [
     ("apgd_ce-50", lambda m: torchattacks.APGD(m, norm="Linf", eps=EPS, steps=50, n_restarts=1,
                                                loss="ce", seed=0)),
-    ("apgd_t-50x3", lambda m: torchattacks.APGDT(m, norm="Linf", eps=EPS, steps=50, n_restarts=1,
-                                                 n_classes=4, seed=0)),
+    # the targeted one runs 3 targets of torchattacks' APGD-T (44 s): slow
+    pytest.param("apgd_t-50x3", lambda m: torchattacks.APGDT(m, norm="Linf", eps=EPS, steps=50,
+                                                             n_restarts=1, n_classes=4, seed=0),
+                 marks=pytest.mark.slow),
 ])
 def test_as_strong_as_torchattacks_for_fewer_model_passes(name, theirs, trained_cnn, batch):
     x, y = batch

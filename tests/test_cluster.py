@@ -98,6 +98,7 @@ def ray_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.slow  # ~70 s: ray up over SSH, submit, rsync, down
 def test_ray_up_submit_rsync_down_down(local_cluster_ready, tmp_path):
     spec = tmp_path / "tiny.yaml"
     spec.write_text(yaml.safe_dump({

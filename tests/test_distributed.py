@@ -190,6 +190,7 @@ def write_spec(tmp_path, **over):
     return str(path)
 
 
+@pytest.mark.slow  # ~50 s: Ray Train trials in a Tune sweep; the gloo checks below stay fast
 def test_data_parallel_trials_in_a_sweep(ray_session, tmp_path):
     """Two trials of 2 gloo workers each inside Tune: one trains (its weights are those of one
     process with the same global batch), one diverges (failed with its reason, no retry,

@@ -195,6 +195,7 @@ def defense_with_base() -> str | None:
     return None
 
 
+@pytest.mark.slow  # ~25 s: three real attempts of a failing trial
 def test_trial_that_keeps_failing_is_retried_then_reported_failed(ray_session, tmp_path):
     """A corrupt cached base model fails the trial on every attempt: FailureConfig retries it
     max_failures times, then it is reported failed with its error; the sweep completes."""

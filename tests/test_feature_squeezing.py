@@ -47,6 +47,7 @@ def test_non_local_means_keeps_constants_and_removes_noise():
     assert torch.isfinite(grad).all()
 
 
+@pytest.mark.slow  # ~25 s; test_calibration checks the same FPR for every detector, fast
 def test_threshold_gives_the_stated_fpr_on_held_out_clean_data(mnist, cnn_first_1000, tmp_path):
     """Calibrated (by setup + the first epoch, as in a trial) on the validation split, clean
     inputs the classifier never saw, checked on other unseen ones. (On the classifier's own

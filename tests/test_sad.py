@@ -354,6 +354,7 @@ def test_missing_unreadable_and_incompatible_checkpoints(mnist, trained_cnn, tmp
 
 
 # --- end to end through the trial loop -------------------------------------------------------------
+@pytest.mark.slow  # ~40 s: two SAD trials and their base model
 def test_run_trial_trains_the_base_once_and_reuses_it(tmp_path, monkeypatch, mnist):
     import orchestrator.trial as trial_lib
     import orchestrator.training as training_lib
