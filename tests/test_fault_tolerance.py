@@ -28,7 +28,13 @@ from orchestrator.trial import LocalReporter, run_trial
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP = [sys.executable, str(ROOT / "orchestrator" / "sweep.py")]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def sweep_env() -> dict[str, str]:
+    """The sweep subprocess's environment, read when it starts: Ray's ray.init (the session's
+    local Ray of other tests) sets RAY_AUTH_MODE=token in this process, so a Cluster started
+    after it wants a token, and a sweep given an environment copied before it cannot join."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def write_spec(path: Path, raw: dict) -> str:
@@ -87,7 +93,7 @@ def test_worker_node_killed_mid_trial_resumes_from_its_checkpoint(cluster, tmp_p
     spec = write_spec(tmp_path / "spec.yaml", NODE_SPEC)
     proc = subprocess.Popen(SWEEP + ["--spec", spec, "--out", str(out), "--no-dashboard",
                                      "--address", c.address],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=sweep_env())
     killed = None
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and killed is None:
@@ -148,7 +154,7 @@ def test_driver_killed_mid_sweep_then_resume_finishes_it(cluster, tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", DRIVER_SPEC)
     args = ["--no-dashboard", "--address", c.address]
     proc = subprocess.Popen(SWEEP + ["--spec", spec, "--out", str(out)] + args,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=sweep_env())
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         # kill when one trial has finished and another is between two epoch checkpoints
@@ -165,7 +171,7 @@ def test_driver_killed_mid_sweep_then_resume_finishes_it(cluster, tmp_path):
     assert checkpointed
 
     resumed = subprocess.run(SWEEP + ["--resume", "--out", str(out)] + args, capture_output=True,
-                             text=True, env=ENV, timeout=500)
+                             text=True, env=sweep_env(), timeout=500)
     assert resumed.returncode == 0, resumed.stderr
     trials = pd.read_csv(out / "trials.csv").set_index("trial_id")
     assert len(trials) == 4 and trials.index.is_unique and (trials.status == "completed").all()

@@ -100,6 +100,8 @@ def test_a_point_broken_at_a_smaller_eps_is_broken_at_every_larger_one():
     ({"final_samples": 0}, "final_samples"),
     ({"final_samples": 1001}, "final_samples=1001 exceeds the 1000 test images of mnist5k"),
     ({"eval_samples": 5000}, "eval_samples=5000 exceeds the 1000 test images"),
+    ({"threat_model": {"curve_samples": 1200}},
+     "threat_model.curve_samples=1200 exceeds the 1000 test images"),
     ({"threat_model": {"final_eval": ["apgd_ce-x"]}}, "unknown attack or preset 'apgd_ce-x'"),
     ({"threat_model": {"final_eval": ["strongest"]}}, "unknown attack or preset 'strongest'"),
 ])

@@ -215,6 +215,7 @@ def test_unknown_preset_and_missing_spec(no_ray, tmp_path, capsys):
     # ~70 s each: two sweeps in their own processes, each with its own local Ray
     pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow),  # the same path as SIGTERM's
     pytest.param(signal.SIGTERM, 143, marks=pytest.mark.slow),
+    pytest.param(signal.SIGHUP, 129, marks=pytest.mark.slow),  # a closed SSH session
 ])
 def test_ctrl_c_and_sigterm_leave_valid_csvs_and_resume_finishes(tmp_path, sig, code):
     """A real SIGINT / SIGTERM mid-sweep (separate process, its own local Ray), then --resume:
