@@ -171,7 +171,7 @@ def code_digest(defense: str) -> str:
     files = {Path(inspect.getsourcefile(k)) for k in inspect.getmro(cls)
              if k.__module__.startswith("defenses.")}
     root = Path(__file__).resolve().parent.parent / "defenses"
-    files |= {root / "evaluate.py", root / "masking.py", *sorted((root / "attacks").glob("*.py"))}
+    files |= {*(root / "evaluation").glob("*.py"), *(root / "attacks").glob("*.py")}
     h = hashlib.sha256()
     for f in sorted(files):
         h.update(f.read_bytes())

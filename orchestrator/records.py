@@ -138,18 +138,23 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+def record_path(run_dir: Path, trial_id: str) -> Path:
+    return Path(run_dir) / "records" / f"{trial_id}.json"
+
+
 def save_record(run_dir: Path, record: TrialRecord) -> Path:
-    path = Path(run_dir) / "records" / f"{record.trial_id}.json"
+    path = record_path(run_dir, record.trial_id)
     write_json_atomic(path, record.to_dict())
     return path
+
+
+def load_record(path: Path) -> TrialRecord:
+    with open(path) as f:
+        return TrialRecord.from_dict(json.load(f))
 
 
 def load_records(run_dir: Path) -> list[TrialRecord]:
     folder = Path(run_dir) / "records"
     if not folder.is_dir():
         return []
-    out = []
-    for p in sorted(folder.glob("*.json")):
-        with open(p) as f:
-            out.append(TrialRecord.from_dict(json.load(f)))
-    return out
+    return [load_record(p) for p in sorted(folder.glob("*.json"))]

@@ -23,8 +23,9 @@ from typing import Any, Callable
 import pyarrow.fs
 import torch
 from ray import tune
+from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.records import FAILED, TrialRecord, iso_utc, save_record
+from orchestrator.records import FAILED, TrialRecord, iso_utc, load_record, record_path, save_record
 from orchestrator.spec import SweepSpec
 from orchestrator.trial import final_metrics, new_record, run_trial
 from orchestrator.training import CHECKPOINT_FILE
@@ -389,15 +390,44 @@ def close_orphan_trials(spec: SweepSpec, defense: str, run_dir: Path) -> int:
 
 def make_searcher(spec: SweepSpec, defense: str, run_dir: Path):
     """OptunaSearch over both objectives, its study kept in RUN_DIR/optuna.db (one study per
-    defense) so optuna-dashboard can open it and a resumed sweep continues its history."""
-    from ray.tune.search.optuna import OptunaSearch
-
+    defense) so optuna-dashboard can open it and a resumed sweep continues its history; each
+    Optuna trial names the sweep's trial, its record and its checkpoint (``RecordedSearch``)."""
     # one seed per defense: with the spec's seed alone every study would draw the same first
     # points of its unit cube (the same lr quantile for every defense, ...)
     seed = (spec.seed * 1_000_003 + zlib.crc32(defense.encode())) % 2**31
-    return OptunaSearch(metric=list(spec.objectives), mode=["max"] * len(spec.objectives),
-                        sampler=_samplers()[spec.search](seed, spec.trials_for(defense)),
-                        study_name=study_name(spec, defense), storage=optuna_storage(run_dir))
+    return RecordedSearch(
+        metric=list(spec.objectives), mode=["max"] * len(spec.objectives),
+        sampler=_samplers()[spec.search](seed, spec.trials_for(defense)),
+        study_name=study_name(spec, defense), storage=optuna_storage(run_dir), run_dir=run_dir)
+
+
+class RecordedSearch(OptunaSearch):
+    """OptunaSearch whose Optuna trials carry, as user attributes, the sweep's trial id (a row
+    of trials.csv), its record file and its checkpoint, so that a study opened with Optuna's
+    API or optuna-dashboard leads back to the model. Optuna takes user attributes only while
+    a trial runs, so they are set just before Tune's searcher tells the result; the record
+    (written by ``RecordWriter`` on the final result) holds the checkpoint by then. Reads
+    ``OptunaSearch._ot_trials`` (checked on Ray ``sweep.TUNE_PRIVATE_API_CHECKED``, like
+    ``use_live_callbacks``). A module-level class: Tune pickles the searcher with the run."""
+
+    def __init__(self, *args, run_dir: Path, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._run_dir = str(run_dir)
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and trial_id not in self._completed_trials:
+            for key, value in _user_attrs(Path(self._run_dir), trial_id).items():
+                ot_trial.set_user_attr(key, value)
+        super().on_trial_complete(trial_id, result, error)
+
+
+def _user_attrs(run_dir: Path, trial_id: str) -> dict[str, str]:
+    path = record_path(run_dir, trial_id)
+    attrs = {"trial_id": trial_id, "record": str(path.resolve())}
+    if path.is_file():
+        attrs["checkpoint"] = load_record(path).checkpoint
+    return attrs
 
 
 def name_objectives(spec: SweepSpec, defense: str, run_dir: Path) -> bool:

@@ -84,6 +84,12 @@ def test_smoke_preset_through_ray_tune_and_optuna(ray_session, tmp_path, capsys)
     study = optuna.load_study(study_name="smoke-pgd_at", storage=f"sqlite:///{out / 'optuna.db'}")
     assert len(study.trials) == 2 and len(study.best_trials) >= 1
     assert study.metric_names == ["clean_acc", "robust_acc"]  # optuna-dashboard's axis labels
+    # each Optuna trial leads back to its row of trials.csv, its record and its checkpoint
+    rows = trials.set_index("trial_id")
+    for t in study.trials:
+        row = rows.loc[t.user_attrs["trial_id"]]
+        assert row.defense == "pgd_at" and t.user_attrs["checkpoint"] == row.checkpoint
+        assert json.loads(Path(t.user_attrs["record"]).read_text())["trial_id"] == row.name
     assert stdout.count("completed clean=") == 4  # plain dashboard: one line per trial
 
 
@@ -343,7 +349,8 @@ def test_the_private_tune_access_is_checked_on_this_ray_version(tmp_path):
     from orchestrator.sweep import TUNE_PRIVATE_API_CHECKED, use_live_callbacks
 
     assert ray.__version__.startswith(TUNE_PRIVATE_API_CHECKED + "."), (
-        f"Ray {ray.__version__}: re-check orchestrator.sweep.use_live_callbacks, then update "
+        f"Ray {ray.__version__}: re-check orchestrator.sweep.use_live_callbacks and "
+        "orchestrator.tune_adapter.RecordedSearch, then update "
         "TUNE_PRIVATE_API_CHECKED")
     tuner = tune.Tuner(lambda config: None,
                        run_config=tune.RunConfig(storage_path=str(tmp_path), name="x"))
