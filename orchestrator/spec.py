@@ -140,6 +140,16 @@ def _check_test_split(field: str, n: int | None, dataset: str | None, otherwise:
                          f"use at most {size} (or {otherwise})")
 
 
+class MlflowSpec(_Strict):
+    tracking_uri: str = Field(min_length=1)   # file:///abs/mlruns, http://host:5000, sqlite:///...
+    experiment_name: str | None = None        # default: the spec's name
+
+
+class TrackingSpec(_Strict):
+    # one key per backend; a trial's runs are written by the driver (orchestrator.tracking)
+    mlflow: MlflowSpec | None = None
+
+
 class SweepSpec(_Strict):
     name: str = "sweep"
     dataset: str = "mnist5k"
@@ -166,6 +176,7 @@ class SweepSpec(_Strict):
     search: Literal["tpe", "nsga2", "random"] = "nsga2"
     resources: ResourceSpec = ResourceSpec()
     max_failures: int = Field(0, ge=0)
+    tracking: TrackingSpec | None = None  # experiment tracking; not part of a trial's identity
 
     @field_validator("defenses", mode="before")
     @classmethod

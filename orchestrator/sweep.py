@@ -279,12 +279,15 @@ def local_gpus() -> int:
 
 # ---------------------------------------------------------------- running
 def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, address: str | None,
-              storage: str | None = None) -> int:
+              storage: str | None = None, tracker=None) -> int:
+    """The sweep on Ray: one Tune run per defense, the exports, the final evaluation, the
+    exports again. ``tracker``: an ``orchestrator.tracking.MlflowTracker`` or None."""
     import ray
     from ray import tune
     from rich.console import Console
 
     from orchestrator.dashboard import Dashboard
+    from orchestrator.tracking import TrackingCallback
     from orchestrator.tune_adapter import (RecordWriter, close_orphan_trials, make_searcher,
                                            name_objectives, tune_trial)
 
@@ -324,7 +327,8 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
                                      run_dir=str(out.resolve()), run_id=run_id, storage=storage),
                 {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial} if r.workers_per_trial == 1
                 else {"cpu": 0, "memory": 1})
-            tuner = _tuner(tune, trainable, spec, defense, out, resume, [writer, board], make_searcher,
+            callbacks = [writer, board] + ([TrackingCallback(tracker, defense)] if tracker else [])
+            tuner = _tuner(tune, trainable, spec, defense, out, resume, callbacks, make_searcher,
                            storage, concurrent_trials(spec, cap["cpus"], cap["gpus"]))
             fit_restoring_sigint(tuner.fit)
             # Ground truth for "did this defense finish": every trial leaves a final record
@@ -340,7 +344,7 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
         interrupted = True
     finally:
         board.stop()
-        _export(spec, out, started)
+        _export(spec, out, started, tracker)
     if interrupted:
         return _interrupted(out, received)
     if spec.threat_model.final_eval:
@@ -352,11 +356,11 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
         try:
             done = final_evaluation(out, spec)
         except KeyboardInterrupt:  # the re-evaluations saved so far are kept; resume does the rest
-            _export(spec, out, started)
+            _export(spec, out, started, tracker)
             return _interrupted(out, received)
         print(f"final evaluation: {len(done)} trials re-evaluated in {time.time() - t0:.0f} s",
               file=sys.stderr)
-        _export(spec, out, started)
+        _export(spec, out, started, tracker)
         print_front(out / "pareto.csv")
     print(f"done: {out / 'pareto.csv'} ({out / 'trials.csv'}, {out / 'pareto.png'})")
     return 0
@@ -445,7 +449,7 @@ def print_front(pareto_csv: Path) -> None:
               f"{100 * r.robust_acc_ci_high:.1f}] ({source}, n={int(r.n_eval)})")
 
 
-def _export(spec: SweepSpec, out: Path, started: float) -> None:
+def _export(spec: SweepSpec, out: Path, started: float, tracker=None) -> None:
     from orchestrator.aggregate import merge_runs
     from orchestrator.export import export_all, write_manifest
 
@@ -462,6 +466,9 @@ def _export(spec: SweepSpec, out: Path, started: float) -> None:
     except OSError as e:  # disk full, folder made read-only: the records are kept, resume exports
         raise ExportFailed(f"{outdir.write_failure(out, e)}; once there is room: "
                            f"python orchestrator/sweep.py --resume --out {out}") from None
+    if tracker is not None:
+        from orchestrator.tracking import log_records_safely
+        log_records_safely(tracker, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -493,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
             check_reachable(address)
         else:
             check_resources(spec, float(os.cpu_count() or 1), float(local_gpus()), "this machine")
+        from orchestrator.tracking import make_tracker
+        tracker = make_tracker(spec)
     except (BadInput, data_lib.DatasetError, outdir.LockHeld) as e:
         if lock is not None:
             lock.release()
@@ -502,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         if address:
             where = detected_cluster() + " (running on this machine)" if address == "auto" else address
             print(f"joining the Ray cluster at {where}", file=sys.stderr)
-        return run_sweep(spec, out, args.resume, not args.no_dashboard, address, storage)
+        return run_sweep(spec, out, args.resume, not args.no_dashboard, address, storage, tracker)
     except InputError as e:  # cluster resources, known only once connected
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -253,7 +253,9 @@ def saved_broken(file: Path) -> dict[float, torch.Tensor]:
 
 
 def spec_digest(spec: SweepSpec) -> str:
-    return hashlib.sha256(json.dumps(spec.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+    # tracking is where results are also sent, not what a trial computes
+    return hashlib.sha256(json.dumps(spec.model_dump(exclude={"tracking"}), sort_keys=True)
+                          .encode()).hexdigest()[:16]
 
 
 def load_checkpoint(folder: Path, s: TrialSetup) -> tuple[int, float, str]:
