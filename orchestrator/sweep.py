@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 import uuid
 from pathlib import Path
 from typing import Any
@@ -294,10 +295,15 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # MLflow 2.14 (the one torchattacks' requests pin leaves, pyproject.toml) warns that it
+    # imports pkg_resources, and Ray's usage tagging imports MLflow whenever it is installed
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", module=r"mlflow\.")
     started = time.time()
     run_id = out.name
     storage = storage or str(out.resolve() / "tune")
     if not ray.is_initialized():
+        if not address:
+            quiet_local_token_notice()
         ray.init(address=address or "local", include_dashboard=False, dashboard_host="127.0.0.1",
                  log_to_driver=False, logging_level=logging.WARNING,
                  **({} if address else {"num_cpus": os.cpu_count()}))
@@ -403,7 +409,18 @@ def _interrupted(out: Path, received: dict[str, int]) -> int:
     return 128 + sig if sig else EXIT_INTERRUPTED
 
 
-TUNE_PRIVATE_API_CHECKED = "2.60"  # the Ray version use_live_callbacks was written against
+# Ray's logger of its token-authentication setup (checked on Ray TUNE_PRIVATE_API_CHECKED)
+RAY_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+TUNE_PRIVATE_API_CHECKED = "2.60"
+
+
+def quiet_local_token_notice() -> None:
+    """Ray 2.60 turns token authentication on for a new local cluster (this machine's, only
+    this user's processes join it) and says so in a warning at the top of every run; the
+    sweep keeps the authentication and drops the notice. Setting RAY_AUTH_MODE=token instead
+    does not do: Ray then wants a token it has not generated yet."""
+    logging.getLogger(RAY_TOKEN_LOGGER).addFilter(
+        lambda record: "Token authentication is enabled" not in record.getMessage())  # the Ray version use_live_callbacks was written against
 
 
 def use_live_callbacks(tuner, callbacks) -> None:

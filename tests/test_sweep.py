@@ -244,6 +244,7 @@ def test_ctrl_c_and_sigterm_leave_valid_csvs_and_resume_finishes(tmp_path, sig, 
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == code, err
     assert f"--resume --out {out}" in err and "SIGTERM received" not in err
+    assert "Token authentication" not in err  # Ray's notice for a new local cluster
     assert "Traceback" not in err
     first = read_csv(out / "trials.csv")
     assert 1 <= len(first) < 4 and (first.status == "completed").all()
@@ -357,3 +358,21 @@ def test_the_private_tune_access_is_checked_on_this_ray_version(tmp_path):
     live = [tune.Callback()]
     use_live_callbacks(tuner, live)
     assert tuner._local_tuner.get_run_config().callbacks is live
+
+
+def test_rays_notice_of_local_token_authentication_is_dropped():
+    """Ray's own warning functions (2.60): the notice that a new local cluster has token
+    authentication on is dropped; the warning that authentication is off still reaches the user."""
+    from ray._private.authentication import authentication_token_setup as ray_auth
+
+    sweep.quiet_local_token_notice()
+    said: list[str] = []
+    seen = logging.Handler()
+    seen.emit = lambda record: said.append(record.getMessage())
+    ray_auth.logger.addHandler(seen)  # Ray's loggers do not propagate to the root's caplog
+    try:
+        ray_auth._warn_token_auth_enabled()
+        ray_auth._warn_token_auth_disabled()
+    finally:
+        ray_auth.logger.removeHandler(seen)
+    assert not any("is enabled" in m for m in said) and any("is disabled" in m for m in said)
