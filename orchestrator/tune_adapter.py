@@ -333,6 +333,10 @@ def population_size(n_trials: int) -> int:
     return min(50, max(4, n_trials // 4))
 
 
+def _nsga2(seed: int, population: int):
+    return PicklableNSGAIISampler(seed=seed, population_size=population)
+
+
 def _samplers() -> dict[str, Callable[[int, int], Any]]:
     """The registry of search algorithms (the spec's ``search``): Optuna samplers by name,
     built as ``factory(seed, n_trials)`` so that the model-based ones size their random start
@@ -342,7 +346,7 @@ def _samplers() -> dict[str, Callable[[int, int], Any]]:
     return {
         "tpe": lambda seed, n: optuna.samplers.TPESampler(seed=seed, multivariate=True,
                                                          n_startup_trials=startup_trials(n)),
-        "nsga2": lambda seed, n: optuna.samplers.NSGAIISampler(seed=seed, population_size=population_size(n)),
+        "nsga2": lambda seed, n: _nsga2(seed, population_size(n)),
         "random": lambda seed, n: optuna.samplers.RandomSampler(seed=seed),
     }
 
@@ -399,6 +403,27 @@ def make_searcher(spec: SweepSpec, defense: str, run_dir: Path):
         metric=list(spec.objectives), mode=["max"] * len(spec.objectives),
         sampler=_samplers()[spec.search](seed, spec.trials_for(defense)),
         study_name=study_name(spec, defense), storage=optuna_storage(run_dir), run_dir=run_dir)
+
+
+import optuna.samplers  # noqa: E402  (OptunaSearch has imported optuna already)
+
+
+class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """NSGA-II with its thread lock left out of its pickle and made anew on load. Tune pickles
+    the searcher, sampler included (tuner.pkl, the searcher's checkpoints); Optuna 5.1's
+    genetic samplers hold a ``threading.Lock``, which no pickle takes (Optuna's journal storage
+    drops its own lock the same way). Without a lock (Optuna < 5.1) nothing changes."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if state.pop("_thread_lock", None) is not None:
+            state["_had_thread_lock"] = True
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if state.pop("_had_thread_lock", False):
+            state["_thread_lock"] = threading.Lock()
+        self.__dict__.update(state)
 
 
 class RecordedSearch(OptunaSearch):

@@ -307,6 +307,30 @@ def test_model_based_samplers_leave_their_random_start_within_the_budget(tmp_pat
         assert small._population_size == 5 and large._population_size == 50
 
 
+@pytest.mark.parametrize("search", ["tpe", "nsga2", "random"])
+def test_every_searcher_survives_the_pickles_tune_makes_of_it(tmp_path, search):
+    # Tune pickles the searcher into tuner.pkl (cloudpickle) and into its checkpoints
+    # (OptunaSearch.save: pickle of its __dict__); Optuna 5.1's NSGA-II holds a thread lock
+    import pickle
+
+    import optuna
+    from ray import cloudpickle
+
+    from orchestrator.spec import parse
+    from orchestrator.tune_adapter import make_searcher
+
+    spec = parse({"name": "pickles", "search": search, "defenses": ["standard"]})
+    searcher = make_searcher(spec, "standard", tmp_path)
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    for copy in (cloudpickle.loads(cloudpickle.dumps(searcher)),
+                 pickle.loads((tmp_path / "searcher.pkl").read_bytes())["_sampler"]):
+        sampler = getattr(copy, "_sampler", copy)
+        study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
+        for _ in range(3):  # a genetic sampler takes its lock on every suggestion
+            trial = study.ask({"u": optuna.distributions.FloatDistribution(0.0, 1.0)})
+            study.tell(trial, [trial.params["u"], 1 - trial.params["u"]])
+
+
 def test_each_defense_study_draws_its_own_points(tmp_path):
     # one seed per (spec seed, defense): studies of different defenses do not start from the
     # same points of their search spaces, and a rerun draws the same ones again
