@@ -91,6 +91,34 @@ def autoscaling_capacity(bootstrap: str | Path) -> dict[str, float]:
     return {"cpus": cpus, "gpus": gpus, "node_cpus": node_cpus, "node_gpus": node_gpus}
 
 
+def can_add_workers(bootstrap: str | Path) -> bool:
+    """Whether the launcher config on a cluster's head (``~/ray_bootstrap_config.yaml``) lets
+    its autoscaler add worker nodes."""
+    path = Path(bootstrap)
+    try:
+        config = yaml.safe_load(path.read_text()) or {} if path.is_file() else {}
+    except (OSError, yaml.YAMLError):
+        return False
+    return int(config.get("max_workers", 0) or 0) > 0
+
+
+def nodes_not_seeing(ray, nodes: list[dict], path: str) -> list[str]:
+    """The addresses of the ``nodes`` (``ray.nodes()`` entries) on which ``path`` does not
+    exist: a zero-CPU task pinned to each node looks."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    sees = ray.remote(num_cpus=0)(_exists)
+    refs = [(n["NodeManagerAddress"], sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote(path)) for n in nodes]
+    return [address for address, ref in refs if not ray.get(ref, timeout=120)]
+
+
+def _exists(path: str) -> bool:
+    import os
+
+    return os.path.exists(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m orchestrator.cluster", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)

@@ -272,6 +272,36 @@ def cluster_capacity(ray) -> dict[str, float]:
     return {k: max(now[k], possible.get(k, 0.0)) for k in now}
 
 
+def check_storage_shared(ray, storage: str) -> None:
+    """Tune's storage path must be one every node of the cluster sees: since Ray 2.7 nothing
+    syncs trial folders to the head, so a folder on the head's disk alone would leave each
+    trial's checkpoints (and what resume and the final evaluation read) on the node that ran
+    it. Every alive node looks for a probe file written here; a URI (s3://, gs://) is shared by
+    design. Nodes an autoscaler adds later cannot be asked yet: a warning names the risk."""
+    if "://" in storage:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        probe = Path(storage) / f".shared-probe-{uuid.uuid4().hex[:8]}"
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text(socket.gethostname())
+        try:
+            from orchestrator.cluster import nodes_not_seeing
+
+            blind = nodes_not_seeing(ray, nodes, str(probe))
+        finally:
+            probe.unlink(missing_ok=True)
+        if blind:
+            raise InputError(f"storage path {storage} is not shared: node(s) {', '.join(blind)} of the "
+                             "cluster do not see it; pass --storage-path on a folder every node "
+                             "mounts (NFS) or s3://bucket/prefix")
+    from orchestrator.cluster import can_add_workers
+
+    if can_add_workers(Path.home() / "ray_bootstrap_config.yaml"):
+        log.warning("storage path %s is a folder: worker nodes the autoscaler adds later must see "
+                    "it too (NFS), or pass --storage-path s3://bucket/prefix", storage)
+
+
 def local_gpus() -> int:
     import torch
 
@@ -310,6 +340,7 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
     received = stop_on_signals()  # after ray.init: Ray's driver handler must not win
     cap = cluster_capacity(ray)
     check_resources(spec, cap["cpus"], cap["gpus"], "the Ray cluster", cap["node_cpus"], cap["node_gpus"])
+    check_storage_shared(ray, storage)
     (out / "spec.json").write_text(json.dumps(spec.model_dump(), indent=1))
     (out / "run.json").write_text(json.dumps({"storage_path": storage, **code_version()}, indent=1))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,22 @@ def test_ray_up_submit_rsync_down_down(local_cluster_ready, tmp_path):
         assert "Token authentication is enabled" in output, output
         fetched = tmp_path / "fetched"
         ray_cli("rsync-down", config, "~/runs/tiny/", str(fetched) + "/")
+        # the same sweep as a Ray job through the YAML: the dashboard forwarded over SSH, the
+        # head's token fetched, a working directory with the spec in it uploaded
+        work = tmp_path / "work"
+        shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".git", "runs", "__pycache__", "*.egg-info"))
+        shutil.copy(spec, work / "tiny.yaml")
+        ray_cli("exec", config, "rm -rf ~/runs/tiny-job")
+        job = subprocess.run([sys.executable, "-m", "orchestrator.submit", config, "--working-dir", str(work),
+                              "--", "--spec", str(work / "tiny.yaml"), "--out", "runs/tiny-job"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600,
+                             env={k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"})
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "results land in  ~/runs/tiny-job on the cluster's head" in job.stdout
+        assert "done:" in job.stdout
+        by_job = tmp_path / "by_job"
+        ray_cli("rsync-down", config, "~/runs/tiny-job/", str(by_job) + "/")
+        assert (by_job / "pareto.csv").is_file()
     finally:
         ray_cli("down", "-y", config)
     trials = pd.read_csv(fetched / "trials.csv")
