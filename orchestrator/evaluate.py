@@ -233,10 +233,10 @@ def reevaluate(record: dict[str, Any], spec: dict[str, Any], run_dir: str,
     not attacked again, as in a cascade: the final numbers are the worst case over both
     evaluations, and the final attacks' time goes to the points the search left robust."""
     rec, sweep = TrialRecord.from_dict(record), SweepSpec.model_validate(spec)
-    torch.set_num_threads(max(1, int(sweep.resources.cpus_per_trial)))
+    r = sweep.resources_for(rec.defense)
+    torch.set_num_threads(max(1, int(r.cpus_per_trial)))
     try:
-        s = restore(local_checkpoint(rec.checkpoint), sweep, Path(run_dir),
-                    choose_device(sweep.resources.gpus_per_trial))
+        s = restore(local_checkpoint(rec.checkpoint), sweep, Path(run_dir), choose_device(r.gpus_per_trial))
     except (EvaluateError, NoGPU) as e:
         log.error("trial %s not re-evaluated: %s", rec.trial_id, e)
         rec.error = f"final evaluation: {e}"
@@ -289,9 +289,14 @@ def _run_all(todo: list[TrialRecord], spec: SweepSpec, run_dir: Path, attacks: l
         for rec in todo:
             yield TrialRecord.from_dict(reevaluate(rec.to_dict(), *args))
         return
-    r = spec.resources
-    task = ray.remote(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial, max_retries=1)(reevaluate)
-    pending = [task.remote(rec.to_dict(), *args) for rec in todo]
+    task = ray.remote(max_retries=1)(reevaluate)
+
+    def submit(rec: TrialRecord):
+        # a re-evaluation holds what its defense's trials held (SweepSpec.resources_for)
+        r = spec.resources_for(rec.defense)
+        return task.options(num_cpus=r.cpus_per_trial, num_gpus=r.gpus_per_trial).remote(rec.to_dict(), *args)
+
+    pending = [submit(rec) for rec in todo]
     while pending:
         # a timeout brings the main thread back to Python every second, where a Ctrl-C (or a
         # SIGTERM turned into one) is raised; a wait without one blocks until a task ends

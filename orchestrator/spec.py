@@ -105,6 +105,11 @@ class ResourceSpec(_Strict):
     max_concurrent: int | None = Field(None, gt=0)
     workers_per_trial: int = Field(1, ge=1)  # > 1: the trial trains data-parallel (Ray Train)
     sync_batchnorm: bool = False             # BatchNorm statistics over the global batch
+    # true: a trial of defense D asks for gpus_per_trial × the GPU_SHARE that
+    # search_spaces/D.py declares (its cost class: a fraction for a defense that trains without
+    # a multi-step attack, so several of its trials share a GPU; 1 when it declares none).
+    # A defense's own defenses.D.resources overrides it (SweepSpec.resources_for)
+    gpu_shares: bool = False
 
     @model_validator(mode="after")
     def _ranks_need_whole_gpus(self) -> "ResourceSpec":
@@ -126,10 +131,17 @@ class ResourceSpec(_Strict):
         return self.gpus_per_trial * self.workers_per_trial
 
 
+class DefenseResources(_Strict):
+    # one defense's CPUs and GPUs per training process, in place of the spec's resources
+    cpus_per_trial: float | None = Field(None, gt=0.0)
+    gpus_per_trial: float | None = Field(None, ge=0.0)
+
+
 class DefenseSpec(_Strict):
     trials: int | None = Field(None, gt=0)
     # name -> fixed value | [choices] | {low, high, log}; replaces the search_spaces/ default
     space: dict[str, Any] | None = None
+    resources: DefenseResources | None = None
 
 
 def _check_test_split(field: str, n: int | None, dataset: str | None, otherwise: str) -> None:
@@ -194,6 +206,12 @@ class SweepSpec(_Strict):
                                  f"{', '.join(registry.names())}")
         return v
 
+    @field_validator("data_root")
+    @classmethod
+    def _absolute_root(cls, v: str | None) -> str | None:
+        # trials run in Ray workers, whose working directory is not the driver's
+        return None if v is None else str(Path(v).expanduser().resolve())
+
     @field_validator("dataset")
     @classmethod
     def _dataset(cls, v: str) -> str:
@@ -233,6 +251,21 @@ class SweepSpec(_Strict):
     def trials_for(self, defense: str) -> int:
         return self.defenses[defense].trials or self.trials_per_defense
 
+    def resources_for(self, defense: str) -> ResourceSpec:
+        """What one trial (and one final re-evaluation) of ``defense`` holds: the spec's
+        ``resources``, its GPUs scaled by the defense's GPU_SHARE under ``gpu_shares``, then
+        ``defenses.<defense>.resources``. Checked for every defense by ``parse``."""
+        r = self.resources
+        update: dict[str, float] = {}
+        if r.gpu_shares and r.gpus_per_trial > 0:
+            update["gpus_per_trial"] = r.gpus_per_trial * gpu_share(defense)
+        own = self.defenses[defense].resources if defense in self.defenses else None
+        if own is not None:
+            update.update(own.model_dump(exclude_none=True))
+        if not update:
+            return r
+        return ResourceSpec.model_validate({**r.model_dump(), **update})
+
     def total_trials(self) -> int:
         return sum(self.trials_for(d) for d in self.defenses)
 
@@ -269,6 +302,25 @@ PRESETS: dict[str, dict[str, Any]] = {
                          "final_eval": list(FINAL_DEFAULT)},
         "defenses": "all", "trials_per_defense": 2,
     },
+    # clusters/gpu.yaml: every registered defense on CIFAR-10 (--data-root required) with
+    # PreAct ResNet-18 at L∞ ε = 8/255, SGD on fast-AT's cyclic schedule (Wong et al. 2020:
+    # momentum 0.9, weight decay 5e-4, 15 epochs; lr is each space's cyclic peak), training
+    # attacks under bf16 autocast, the search spaces' cifar10 entries (SPACE_BY_DATASET), one
+    # GPU per trial scaled by each defense's GPU_SHARE (0.25 for the cheap ones: 4 trials on
+    # one A10G), and AutoAttack "standard" on the front (1,000 test images, as RobustBench's
+    # quick checks; AA-standard on all 10,000 costs ~10× that per trial)
+    "cifar10": {
+        "name": "cifar10", "dataset": "cifar10", "model": "preact_resnet18", "epochs": 15,
+        "batch_size": 128, "eval_samples": 1000, "final_samples": 1000,
+        "validation_samples": 1000,
+        "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+                      "schedule": "cyclic"},
+        # PGD-10 at 2/255 a step (2.5·ε/K) for the multi-step defenses, Madry et al.'s CIFAR
+        "threat_model": {"eps": 8 / 255, "attacks": ["fast"], "train_steps": 10,
+                         "train_precision": "bf16", "final_eval": ["standard"]},
+        "resources": {"cpus_per_trial": 1, "gpus_per_trial": 1, "gpu_shares": True},
+        "defenses": "all", "trials_per_defense": 4,
+    },
 }
 
 
@@ -298,10 +350,20 @@ def parse(raw: dict[str, Any]) -> SweepSpec:
         raise SpecError(_one_line(e, raw)) from None
     training_images(spec)
     for defense in spec.defenses:
+        check_resources_for(spec, defense)
         build_space(spec, defense)  # raises SpecError for empty/invalid spaces and values
         check_paper_preset(spec, defense)
     check_models(spec)
     return spec
+
+
+def check_resources_for(spec: SweepSpec, defense: str) -> ResourceSpec:
+    """``spec.resources_for(defense)``, a SpecError naming the defense if it is not valid."""
+    try:
+        return spec.resources_for(defense)
+    except ValidationError as e:
+        msg = e.errors()[0]["msg"].removeprefix("Value error, ")
+        raise SpecError(f"spec error at defenses.{defense}.resources: {msg}") from None
 
 
 def check_paper_preset(spec: SweepSpec, defense: str) -> None:
@@ -383,13 +445,35 @@ def space_module(defense: str):
                         "defining SPACE") from None
 
 
+def gpu_share(defense: str) -> float:
+    """The fraction of ``resources.gpus_per_trial`` a trial of ``defense`` asks for under
+    ``resources.gpu_shares``: search_spaces/<defense>.py's GPU_SHARE, else 1."""
+    share = getattr(space_module(defense), "GPU_SHARE", 1.0)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise SpecError(f"search_spaces/{defense}.py: GPU_SHARE={share!r} must be a number in (0, 1]")
+    return float(share)
+
+
+def default_space(defense: str, dataset: str) -> tuple[dict[str, Any], str]:
+    """search_spaces/<defense>.py's space for ``dataset``: its SPACE_BY_DATASET[dataset] when it
+    has one (the ranges in that dataset's units: ε, learning rates of its recipe), else SPACE.
+    Returns (space, where it comes from)."""
+    module = space_module(defense)
+    by_dataset = getattr(module, "SPACE_BY_DATASET", None) or {}
+    if dataset in by_dataset:
+        return by_dataset[dataset], f"search_spaces/{defense}.py SPACE_BY_DATASET[{dataset!r}]"
+    return module.SPACE, f"search_spaces/{defense}.py"
+
+
 def build_space(spec: SweepSpec, defense: str) -> dict[str, Any]:
-    """The Tune search space of ``defense``: search_spaces/<defense>.py unless the spec gives
-    ``space`` (both in the same plain form, made Tune domains by ``_domain``). Every fixed value
-    and every range end is checked against the defense first."""
+    """The Tune search space of ``defense``: search_spaces/<defense>.py's (for the spec's
+    dataset, ``default_space``) unless the spec gives ``space`` (both in the same plain form,
+    made Tune domains by ``_domain``). Every fixed value and every range end is checked against
+    the defense first."""
     override = spec.defenses[defense].space
+    where = f"search_spaces/{defense}.py"
     if override is None:
-        source = space_module(defense).SPACE
+        source, where = default_space(defense, spec.dataset)
     else:
         if not override:
             raise SpecError(f"spec error at defenses.{defense}.space: empty search space; give at "
@@ -397,7 +481,7 @@ def build_space(spec: SweepSpec, defense: str) -> dict[str, Any]:
         source = override
     space = {k: _domain(defense, k, v) for k, v in source.items()}
     if not space:
-        raise SpecError(f"defense {defense!r}: empty search space in search_spaces/{defense}.py")
+        raise SpecError(f"defense {defense!r}: empty search space in {where}")
     _check_values(spec, defense, space)
     return space
 

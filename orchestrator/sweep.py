@@ -85,7 +85,8 @@ def resolve_spec(args: argparse.Namespace, out: Path | None) -> SweepSpec:
         return saved
     spec = load(args.spec, args.preset)
     if args.data_root:
-        spec = spec.model_copy(update={"data_root": args.data_root})
+        # absolute: the trials run in Ray workers, whose working directory is not this one
+        spec = spec.model_copy(update={"data_root": str(Path(args.data_root).expanduser().resolve())})
     return spec
 
 
@@ -192,27 +193,35 @@ def check_reachable(address: str) -> None:
 def check_resources(spec: SweepSpec, cpus: float, gpus: float, where: str,
                     node_cpus: float | None = None, node_gpus: float | None = None) -> None:
     """A trial must fit: each worker on one node, all its workers in the cluster at once.
-    ``node_*``: the largest node's (None: one machine)."""
-    r = spec.resources
+    ``node_*``: the largest node's (None: one machine). Checked for every defense's resources
+    (``SweepSpec.resources_for``)."""
+    for defense in spec.defenses:
+        _check_fits(spec.resources_for(defense), cpus, gpus, where, node_cpus, node_gpus,
+                    "" if spec.resources_for(defense) == spec.resources else f" (for {defense})")
+
+
+def _check_fits(r, cpus: float, gpus: float, where: str, node_cpus: float | None,
+                node_gpus: float | None, whose: str) -> None:
     node_cpus = cpus if node_cpus is None else node_cpus
     node_gpus = gpus if node_gpus is None else node_gpus
     if r.cpus_per_trial > node_cpus:
-        raise InputError(f"resources.cpus_per_trial={r.cpus_per_trial:g} but {where} has {node_cpus:g} "
+        raise InputError(f"resources.cpus_per_trial={r.cpus_per_trial:g}{whose} but {where} has {node_cpus:g} "
                          "CPUs per node; a trial would wait forever: lower it")
     if r.gpus_per_trial > node_gpus:
-        raise InputError(f"resources.gpus_per_trial={r.gpus_per_trial:g} but {where} has {node_gpus:g} "
+        raise InputError(f"resources.gpus_per_trial={r.gpus_per_trial:g}{whose} but {where} has {node_gpus:g} "
                          "GPUs per node; a trial would wait forever: lower it (0 runs on the CPU)")
     n = r.workers_per_trial
     if n > 1 and (r.trial_cpus() > cpus or r.trial_gpus() > gpus):
-        raise InputError(f"resources.workers_per_trial={n} needs {r.trial_cpus():g} CPUs and "
+        raise InputError(f"resources.workers_per_trial={n}{whose} needs {r.trial_cpus():g} CPUs and "
                          f"{r.trial_gpus():g} GPUs but {where} has {cpus:g} CPUs and {gpus:g} GPUs; "
                          "a trial would wait forever: lower workers_per_trial or the per-worker resources")
 
 
-def concurrent_trials(spec: SweepSpec, cpus: float, gpus: float) -> int | None:
-    """How many trials may run at once. A data-parallel trial's function holds no resources
-    itself (its workers do), so Tune cannot count them: cap it by what the cluster holds."""
-    r = spec.resources
+def concurrent_trials(spec: SweepSpec, cpus: float, gpus: float, defense: str) -> int | None:
+    """How many trials of ``defense`` may run at once. A data-parallel trial's function holds
+    no resources itself (its workers do), so Tune cannot count them: cap it by what the
+    cluster holds."""
+    r = spec.resources_for(defense)
     if r.workers_per_trial == 1:
         return r.max_concurrent
     fit = int(cpus // r.trial_cpus())
@@ -355,6 +364,7 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
         for defense in spec.defenses:
             writer = RecordWriter(out, spec, run_id, defense)  # this defense's Tune run's
             board.begin_defense(defense, list(getattr(space_module(defense), "KEY_HPARAMS", [])))
+            own = spec.resources_for(defense)  # the spec's, or the defense's GPU share of it
             # A data-parallel trial's function only waits on its Ray Train workers, which reserve
             # their own placement group: it holds no CPU (with N workers on N CPUs it would keep
             # one of them from starting). Tune cannot place a trial that asks for nothing at
@@ -362,11 +372,11 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
             trainable = tune.with_resources(
                 tune.with_parameters(tune_trial, defense=defense, spec=spec.model_dump(),
                                      run_dir=str(out.resolve()), run_id=run_id, storage=storage),
-                {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial} if r.workers_per_trial == 1
+                {"cpu": own.cpus_per_trial, "gpu": own.gpus_per_trial} if own.workers_per_trial == 1
                 else {"cpu": 0, "memory": 1})
             callbacks = [writer, board] + ([TrackingCallback(tracker, defense)] if tracker else [])
             tuner = _tuner(tune, trainable, spec, defense, out, resume, callbacks, make_searcher,
-                           storage, concurrent_trials(spec, cap["cpus"], cap["gpus"]))
+                           storage, concurrent_trials(spec, cap["cpus"], cap["gpus"], defense))
             fit_restoring_sigint(tuner.fit)
             # Ground truth for "did this defense finish": every trial leaves a final record
             # (completed or failed). Fewer records than trials means Tune was interrupted.
@@ -535,13 +545,13 @@ def main(argv: list[str] | None = None) -> int:
         spec = resolve_spec(args, out)
         from orchestrator.evaluate import with_eval_options
         spec = with_eval_options(spec, args.final_eval, args.exclude_flagged)
+        data_lib.check_available(spec.dataset, spec.data_root)  # before a fresh --out is made
         if not args.resume:
             out = out or Path("runs") / spec.name
             if (problem := outdir.fresh_problem(out)) and not (out / outdir.LOCK_FILE).exists():
                 raise InputError(problem)  # before the lock: a folder with files is left as it is
             lock = hold_lock(out)
             check_out_dir(out, resume=False)
-        data_lib.check_available(spec.dataset, spec.data_root)
         storage = check_storage(resolve_storage(args, out))
         address = existing_cluster(args.address)
         if address and address != "auto":

@@ -177,8 +177,10 @@ def build_setup(spec: SweepSpec, defense_name: str, hp: dict[str, Any], device: 
     if opt.schedule == "cyclic":
         # fast_adversarial's triangle: 0 -> lr at mid-training -> 0, stepped per batch
         steps = (epochs or spec.epochs) * math.ceil(len(dataset.train_y) / spec.batch_size)
+        # (at least 3 steps: OneCycleLR divides by zero when either half is empty, as in a
+        # one-epoch trial of 2 batches; a schedule longer than the run is never finished)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=0.5,
+            optimizer, max_lr=lr, total_steps=max(steps, 3), pct_start=0.5,
             anneal_strategy="linear", cycle_momentum=False)
     return TrialSetup(spec, defense_name, hp, device, dataset, holdout, defense, optimizer, scheduler)
 

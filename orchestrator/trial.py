@@ -95,8 +95,9 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
     base = {"defense": defense_name, "epochs": spec.epochs}
     chief = parallel.rank == 0
     try:
-        torch.set_num_threads(max(1, int(spec.resources.cpus_per_trial)))
-        s = build_setup(spec, defense_name, hp, parallel.device(spec.resources.gpus_per_trial), run_dir,
+        r = spec.resources_for(defense_name)  # this defense's share (resources.gpu_shares)
+        torch.set_num_threads(max(1, int(r.cpus_per_trial)))
+        s = build_setup(spec, defense_name, hp, parallel.device(r.gpus_per_trial), run_dir,
                         parallel=parallel)
         s.optimizer = parallel.wrap_optimizer(s.optimizer)
         start_epoch, seconds_before = 0, 0.0

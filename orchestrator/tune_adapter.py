@@ -101,7 +101,7 @@ def tune_trial(config: dict[str, Any], defense: str, spec: dict[str, Any], run_d
     logging.basicConfig(level=logging.INFO)
     trial = {"defense": defense, "hp": config["hp"], "spec": spec, "run_dir": run_dir, "run_id": run_id}
     parsed = SweepSpec.model_validate(spec)
-    if parsed.resources.workers_per_trial > 1:
+    if parsed.resources_for(defense).workers_per_trial > 1:
         run_data_parallel(trial, parsed, storage or str(Path(run_dir) / "tune"))
     else:
         run_trial(trial, reporter=TuneReporter())
@@ -138,7 +138,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from orchestrator.distributed import TorchDistributed
 
     logging.basicConfig(level=logging.INFO)
-    r = SweepSpec.model_validate(config["spec"]).resources
+    r = SweepSpec.model_validate(config["spec"]).resources_for(config["defense"])
     device = ray.train.torch.get_device() if r.gpus_per_trial > 0 else torch.device("cpu")
     run_trial(config, reporter=TrainReporter(config["trial_id"], config.get("resume_from")),
               parallel=TorchDistributed(device, sync_batchnorm=r.sync_batchnorm))
@@ -199,7 +199,7 @@ def run_data_parallel(trial: dict[str, Any], spec: SweepSpec, storage: str) -> N
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty
 
-    r = spec.resources
+    r = spec.resources_for(trial["defense"])
     trial_id = tune.get_context().get_trial_id()
     use_gpu = r.gpus_per_trial > 0
     poll_train_workers_often()

@@ -5,3 +5,10 @@
 # detector; the paper's label comparison (rule: paper) has an uncontrolled FPR.
 SPACE = {"theta": {"low": 0.0, "high": 0.5}, "enhancement": ["none", "zero_mean"]}
 KEY_HPARAMS = ["theta", "enhancement"]
+
+# CIFAR-10: θ is the CAM's weight in the emphasis image x + θ·CAM (CAM in [0, 1], an image
+# proportion, not ε-units: unchanged by ε = 8/255), over the paper's 0.0-0.5 sweep (it
+# recommends 0.1-0.3); colour reversing, meaningful on RGB, joins the enhancements.
+SPACE_BY_DATASET = {"cifar10": {"theta": {"low": 0.0, "high": 0.5},
+                                "enhancement": ["none", "color_reverse", "zero_mean"]}}
+GPU_SHARE = 0.5  # standard training of the classifier, Grad-CAM on every evaluated input
