@@ -96,6 +96,7 @@ def test_early_stopping_keeps_the_unbroken_points_paths(trained_cnn, batch):
 
 def test_targets_are_the_most_likely_wrong_classes(trained_cnn, batch):
     x, y = batch
+    x, y = x[:100], y[:100]  # three targets run the first one's attack, then more: per example
     one, three = APGD(trained_cnn, EPS, 30, "dlr", targets=1), APGD(trained_cnn, EPS, 30, "dlr", targets=3)
     assert robust(trained_cnn, three(x, y), y) <= robust(trained_cnn, one(x, y), y)
     assert three.name == "apgd_t-30x3"
