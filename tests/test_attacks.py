@@ -173,6 +173,7 @@ def test_fp16_attack_gradients_are_not_zeroed_by_underflow(trained_cnn, batch):
     assert zero_examples(raw) > 0.2, zero_examples(raw)  # the case shows the underflow
     assert zero_examples(scaled) == 0 and zero_examples(full) == 0
     # mostly the fp32 direction, weighted by gradient mass (a random sign would give 0.5): the
-    # fp16 forward of two nearly equal inputs is itself rounded, scaled or not (measured 0.91)
+    # fp16 forward of two nearly equal inputs is itself rounded, scaled or not, and CPUs round
+    # fp16 their own way (measured 0.91 on an AVX-512 CPU, 0.81 on an AVX2-only one)
     agree = ((scaled.sign() == full.sign()) * full.abs()).sum() / full.abs().sum()
-    assert agree > 0.85, agree
+    assert agree > 0.75, agree
