@@ -53,7 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sweep.py", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--spec", help="YAML sweep spec")
-    src.add_argument("--preset", help="built-in spec: smoke or default (the default)")
+    src.add_argument("--preset", help="built-in spec: smoke, default (the default) or cifar10 "
+                     "(for GPU clusters; needs --data-root)")
     p.add_argument("--out", help="output directory (default: runs/<spec name>)")
     p.add_argument("--resume", action="store_true", help="continue the sweep in --out")
     p.add_argument("--no-dashboard", action="store_true", help="plain lines instead of the live view")
