@@ -14,7 +14,7 @@ upload. A relative ``--out`` (and the default ``runs/<spec name>``) lands under 
 directory, where ``ray submit`` puts it too; the sweep itself checks on the cluster that its
 storage path is one every node sees. Prints the job id, the command that follows its log, and
 where the results land; then follows the log until the job ends (``--no-wait``: returns at
-once) and exits with the sweep's exit code."""
+once; Ctrl-C stops the following, not the job) and exits with the sweep's exit code."""
 from __future__ import annotations
 
 import argparse
@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-from orchestrator.cli import EXIT_BAD_INPUT, BadInput, OneLineParser
+from orchestrator.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, BadInput, OneLineParser
 
 REPO = Path(__file__).resolve().parent.parent
 # What never goes to the cluster (gitignore syntax, relative to the working directory): results,
@@ -283,7 +283,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"results land in  {results} on the cluster's head ({fetch})")
             if args.no_wait:
                 return 0
-            return follow(url, job_id)
+            try:
+                return follow(url, job_id)
+            except KeyboardInterrupt:  # the job is the cluster's now: only the following stops
+                print(f"\nstopped following; job {job_id} goes on (follow or stop it with the "
+                      "commands above)", file=sys.stderr)
+                return EXIT_INTERRUPTED
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -185,3 +185,29 @@ def test_a_storage_path_a_node_does_not_see_is_reported_by_address(tmp_path):
     finally:
         ray.shutdown()
         c.shutdown()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_following_not_the_job(job_server, tmp_path):
+    import signal
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    _, url = job_server
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.submit", url, "--", "--preset", "smoke",
+                             "--out", str(tmp_path / "smoke")], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    job = None
+    for line in proc.stdout:  # wait until it is submitted and following
+        if line.startswith("submitted job"):
+            job = line.split()[2].rstrip(":")
+        if line.startswith("results land in"):
+            break
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert f"stopped following; job {job} goes on" in err
+    client = JobSubmissionClient(url)
+    assert client.get_job_status(job) in {JobStatus.PENDING, JobStatus.RUNNING}
+    client.stop_job(job)
