@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import os
 import shlex
 import socket
@@ -69,10 +70,14 @@ def sweep_entrypoint(sweep_args: list[str], working_dir: Path) -> tuple[str, str
     from orchestrator import sweep
     from orchestrator.spec import load
 
+    said = io.StringIO()
     try:
-        args = sweep.parse_args(sweep_args)
+        with contextlib.redirect_stderr(said):  # argparse's usage block: we say one line
+            args = sweep.parse_args(sweep_args)
     except SystemExit:
-        raise SubmitError("the arguments after -- are not the sweep's (see python orchestrator/sweep.py --help)") from None
+        reason = (said.getvalue().strip().splitlines() or ["?"])[-1].split("error: ", 1)[-1]
+        raise SubmitError(f"the arguments after -- are not the sweep's: {reason} "
+                          "(see python orchestrator/sweep.py --help)") from None
     if args.resume and not args.out:
         raise SubmitError("--resume needs --out DIR: the run directory on the cluster to continue")
     if args.spec:

@@ -96,6 +96,10 @@ def test_a_bad_spec_stops_before_any_upload(tmp_path, answering, capsys):
     assert submit.main([answering, "--", "--preset", "smoek"]) == 2
     assert capsys.readouterr().err.strip() == "error: unknown preset 'smoek'; valid presets: " + ", ".join(
         __import__("orchestrator.spec", fromlist=["PRESETS"]).PRESETS)
+    assert submit.main([answering, "--", "--epochs", "3"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: the arguments after -- are not the sweep's: "
+                                               "unrecognized arguments: --epochs 3 "
+                                               "(see python orchestrator/sweep.py --help)")
     outside = tmp_path / "mine.yaml"
     outside.write_text("defenses: [standard]\n")
     assert submit.main([answering, "--", "--spec", str(outside)]) == 2
