@@ -94,11 +94,10 @@ def sweep_entrypoint(sweep_args: list[str], working_dir: Path) -> tuple[str, str
     # the head's home, where `ray submit` puts it (tilde left unquoted so the shell expands it)
     where = out if out.startswith(("/", "~")) else f"~/{out}"
     out_word = "~/" + shlex.quote(where[2:]) if where.startswith("~/") else shlex.quote(where)
-    words = " ".join(shlex.quote(a) for a in rest)
-    command = f"python orchestrator/sweep.py {words} --out {out_word}".replace("  ", " ")
+    words = ["python", "orchestrator/sweep.py", *map(shlex.quote, rest), "--out", out_word]
     if "--no-dashboard" not in rest:
-        command += " --no-dashboard"
-    return command, where
+        words.append("--no-dashboard")
+    return " ".join(words), where
 
 
 def _replace_value(args: list[str], flag: str, value: str | None) -> list[str]:

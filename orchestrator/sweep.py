@@ -86,8 +86,8 @@ def resolve_spec(args: argparse.Namespace, out: Path | None) -> SweepSpec:
         return saved
     spec = load(args.spec, args.preset)
     if args.data_root:
-        # absolute: the trials run in Ray workers, whose working directory is not this one
-        spec = spec.model_copy(update={"data_root": str(Path(args.data_root).expanduser().resolve())})
+        # validated again: SweepSpec makes it absolute (trials run in other working directories)
+        spec = SweepSpec.model_validate({**spec.model_dump(), "data_root": args.data_root})
     return spec
 
 
@@ -197,8 +197,9 @@ def check_resources(spec: SweepSpec, cpus: float, gpus: float, where: str,
     ``node_*``: the largest node's (None: one machine). Checked for every defense's resources
     (``SweepSpec.resources_for``)."""
     for defense in spec.defenses:
-        _check_fits(spec.resources_for(defense), cpus, gpus, where, node_cpus, node_gpus,
-                    "" if spec.resources_for(defense) == spec.resources else f" (for {defense})")
+        r = spec.resources_for(defense)
+        _check_fits(r, cpus, gpus, where, node_cpus, node_gpus,
+                    "" if r == spec.resources else f" (for {defense})")
 
 
 def _check_fits(r, cpus: float, gpus: float, where: str, node_cpus: float | None,

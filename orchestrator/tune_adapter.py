@@ -333,10 +333,6 @@ def population_size(n_trials: int) -> int:
     return min(50, max(4, n_trials // 4))
 
 
-def _nsga2(seed: int, population: int):
-    return PicklableNSGAIISampler(seed=seed, population_size=population)
-
-
 def _samplers() -> dict[str, Callable[[int, int], Any]]:
     """The registry of search algorithms (the spec's ``search``): Optuna samplers by name,
     built as ``factory(seed, n_trials)`` so that the model-based ones size their random start
@@ -346,7 +342,7 @@ def _samplers() -> dict[str, Callable[[int, int], Any]]:
     return {
         "tpe": lambda seed, n: optuna.samplers.TPESampler(seed=seed, multivariate=True,
                                                          n_startup_trials=startup_trials(n)),
-        "nsga2": lambda seed, n: _nsga2(seed, population_size(n)),
+        "nsga2": lambda seed, n: PicklableNSGAIISampler(seed=seed, population_size=population_size(n)),
         "random": lambda seed, n: optuna.samplers.RandomSampler(seed=seed),
     }
 
