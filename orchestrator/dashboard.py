@@ -146,7 +146,8 @@ class Dashboard(Callback):
 
     # ---------------------------------------------------------------- Tune-independent API
     def begin_defense(self, defense: str, key_hparams: list[str]) -> None:
-        """Trials started from now on belong to ``defense``; its table shows ``key_hparams``."""
+        """``defense``'s rows show ``key_hparams``; a trial reported without a defense of its
+        own belongs to the last one named."""
         with self._lock:
             self._defense = defense
             self._key_hparams[defense] = list(key_hparams)
@@ -230,7 +231,6 @@ class Dashboard(Callback):
 
     @_guarded
     def on_experiment_end(self, trials: list, **info) -> None:
-        # Each defense's Tuner ends its own experiment; the display stays open for the next.
         # Trials still running here were interrupted (Ctrl-C, a Tuner time budget).
         ids = {t.trial_id for t in trials}
         with self._lock:
@@ -336,8 +336,11 @@ class Dashboard(Callback):
         running = self._count(RUNNING)
         eta = self._eta()
         done = self._count(COMPLETED) + self._count(STOPPED)
+        # one Tune run holds every defense's trials: name those running now
+        with self._lock:
+            now = sorted({r.defense for r in self._rows.values() if r.status == RUNNING})
         return Text.assemble(
-            "defense ", (self._defense or "—", "bold"),
+            "running ", (", ".join(now) or "—", "bold"),
             "  elapsed ", (_clock_text(self._clock() - self._t0), "bold"),
             "  ETA ", ("—" if eta is None else _clock_text(eta), "bold"),
             "  trials ", (f"done {done}", "green"), " · ", (f"running {running}", "cyan"),

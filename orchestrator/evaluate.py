@@ -1,6 +1,6 @@
 """Evaluate a trained trial again, with any attacks: ``python -m orchestrator.evaluate CHECKPOINT``.
 
-    python -m orchestrator.evaluate runs/default/tune/pgd_at/<trial>/checkpoint_000003 \\
+    python -m orchestrator.evaluate runs/default/tune/sweep/<trial>/checkpoint_000003 \\
         --attacks standard --eps 0.1,0.2,0.3 --samples 500 [--json out.json]
 
 CHECKPOINT is a trial checkpoint (the ``checkpoint.pt`` file or its folder) as ``run_trial``

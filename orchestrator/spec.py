@@ -102,6 +102,8 @@ class ResourceSpec(_Strict):
     # them (fractional GPUs let several small trials share one GPU)
     cpus_per_trial: float = Field(1.0, gt=0.0)
     gpus_per_trial: float = Field(0.0, ge=0.0)
+    # trials of the sweep at once (None: as many as the cluster holds); in a defense's own
+    # resources, that defense's trials at once
     max_concurrent: int | None = Field(None, gt=0)
     workers_per_trial: int = Field(1, ge=1)  # > 1: the trial trains data-parallel (Ray Train)
     sync_batchnorm: bool = False             # BatchNorm statistics over the global batch
@@ -135,6 +137,7 @@ class DefenseResources(_Strict):
     # one defense's CPUs and GPUs per training process, in place of the spec's resources
     cpus_per_trial: float | None = Field(None, gt=0.0)
     gpus_per_trial: float | None = Field(None, ge=0.0)
+    max_concurrent: int | None = Field(None, gt=0)  # this defense's trials at once
 
 
 class DefenseSpec(_Strict):

@@ -36,7 +36,7 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 from defenses.core import data as data_lib  # noqa: E402
 from orchestrator import outdir  # noqa: E402
 from orchestrator.cli import EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, EXIT_INTERRUPTED, BadInput  # noqa: E402
-from orchestrator.spec import SweepSpec, build_space, load, space_module  # noqa: E402
+from orchestrator.spec import SweepSpec, load, space_module  # noqa: E402
 
 log = logging.getLogger("orchestrator.sweep")
 
@@ -219,17 +219,22 @@ def _check_fits(r, cpus: float, gpus: float, where: str, node_cpus: float | None
                          "a trial would wait forever: lower workers_per_trial or the per-worker resources")
 
 
-def concurrent_trials(spec: SweepSpec, cpus: float, gpus: float, defense: str) -> int | None:
-    """How many trials of ``defense`` may run at once. A data-parallel trial's function holds
-    no resources itself (its workers do), so Tune cannot count them: cap it by what the
-    cluster holds."""
-    r = spec.resources_for(defense)
-    if r.workers_per_trial == 1:
-        return r.max_concurrent
-    fit = int(cpus // r.trial_cpus())
-    if r.trial_gpus() > 0:
-        fit = min(fit, int(gpus // r.trial_gpus()))
-    return max(1, min(fit, r.max_concurrent or fit))
+def concurrent_trials(spec: SweepSpec, cpus: float, gpus: float) -> int | None:
+    """How many trials may run at once (None: as many as Tune can place). A data-parallel
+    trial's function holds no resources itself (its workers do), so Tune cannot count them:
+    with any, cap the sweep by how many of the largest data-parallel trial the cluster holds."""
+    fits = []
+    for defense in spec.defenses:
+        r = spec.resources_for(defense)
+        if r.workers_per_trial > 1:
+            fit = int(cpus // r.trial_cpus())
+            if r.trial_gpus() > 0:
+                fit = min(fit, int(gpus // r.trial_gpus()))
+            fits.append(max(1, fit))
+    cap = spec.resources.max_concurrent
+    if not fits:
+        return cap
+    return min(min(fits), cap or min(fits))
 
 
 def _check_writable(folder: Path, what: str, option: str) -> None:
@@ -322,15 +327,15 @@ def local_gpus() -> int:
 # ---------------------------------------------------------------- running
 def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, address: str | None,
               storage: str | None = None, tracker=None) -> int:
-    """The sweep on Ray: one Tune run per defense, the exports, the final evaluation, the
-    exports again. ``tracker``: an ``orchestrator.tracking.MlflowTracker`` or None."""
+    """The sweep on Ray: one Tune run for every defense's trials (``DefenseRouter`` gives each
+    defense its own Optuna study), the exports, the final evaluation, the exports again. ``tracker``: an ``orchestrator.tracking.MlflowTracker`` or None."""
     import ray
     from ray import tune
     from rich.console import Console
 
     from orchestrator.dashboard import Dashboard
     from orchestrator.tracking import TrackingCallback
-    from orchestrator.tune_adapter import (RecordWriter, close_orphan_trials, make_searcher,
+    from orchestrator.tune_adapter import (RecordWriter, TrialResources, close_orphan_trials,
                                            name_objectives, tune_trial)
 
     import optuna
@@ -360,35 +365,28 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
     board = Dashboard(spec.total_trials(), r.trial_cpus(), r.trial_gpus(),
                       cap["cpus"], cap["gpus"], console=console,
                       live=None if dashboard_on else False)
+    for defense in spec.defenses:
+        board.begin_defense(defense, list(getattr(space_module(defense), "KEY_HPARAMS", [])))
     interrupted = False
     board.start()
     try:
-        for defense in spec.defenses:
-            writer = RecordWriter(out, spec, run_id, defense)  # this defense's Tune run's
-            board.begin_defense(defense, list(getattr(space_module(defense), "KEY_HPARAMS", [])))
-            own = spec.resources_for(defense)  # the spec's, or the defense's GPU share of it
-            # A data-parallel trial's function only waits on its Ray Train workers, which reserve
-            # their own placement group: it holds no CPU (with N workers on N CPUs it would keep
-            # one of them from starting). Tune cannot place a trial that asks for nothing at
-            # all, so it asks for one byte of memory.
-            trainable = tune.with_resources(
-                tune.with_parameters(tune_trial, defense=defense, spec=spec.model_dump(),
-                                     run_dir=str(out.resolve()), run_id=run_id, storage=storage),
-                {"cpu": own.cpus_per_trial, "gpu": own.gpus_per_trial} if own.workers_per_trial == 1
-                else {"cpu": 0, "memory": 1})
-            callbacks = [writer, board] + ([TrackingCallback(tracker, defense)] if tracker else [])
-            tuner = _tuner(tune, trainable, spec, defense, out, resume, callbacks, make_searcher,
-                           storage, concurrent_trials(spec, cap["cpus"], cap["gpus"], defense))
-            fit_restoring_sigint(tuner.fit)
-            # Ground truth for "did this defense finish": every trial leaves a final record
-            # (completed or failed). Fewer records than trials means Tune was interrupted.
-            from orchestrator.records import load_records
-            finished = {r.trial_id for r in load_records(out) if r.defense == defense}
-            if len(finished) < spec.trials_for(defense):
-                interrupted = True
-                break
-            close_orphan_trials(spec, defense, out)
-            name_objectives(spec, defense, out)
+        trainable = tune.with_resources(
+            tune.with_parameters(tune_trial, spec=spec.model_dump(), run_dir=str(out.resolve()),
+                                 run_id=run_id, storage=storage),
+            TrialResources(spec))
+        callbacks = [RecordWriter(out, spec, run_id), board] + ([TrackingCallback(tracker)] if tracker else [])
+        tuner = _tuner(tune, trainable, spec, out, resume, callbacks, storage,
+                       concurrent_trials(spec, cap["cpus"], cap["gpus"]))
+        fit_restoring_sigint(tuner.fit)
+        # Ground truth for "did the sweep finish": every trial leaves a final record
+        # (completed or failed). Fewer records than trials means Tune was interrupted.
+        from orchestrator.records import load_records
+        if len({r.trial_id for r in load_records(out)}) < spec.total_trials():
+            interrupted = True
+        else:
+            for defense in spec.defenses:
+                close_orphan_trials(spec, defense, out)
+                name_objectives(spec, defense, out)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -474,9 +472,14 @@ def use_live_callbacks(tuner, callbacks) -> None:
     tuner._local_tuner.get_run_config().callbacks = callbacks
 
 
-def _tuner(tune, trainable, spec: SweepSpec, defense: str, out: Path, resume: bool, callbacks,
-           make_searcher, storage: str, max_concurrent: int | None):
-    experiment = f"{storage}/{defense}"
+EXPERIMENT = "sweep"  # the Tune experiment's folder in the storage: STORAGE/sweep
+
+
+def _tuner(tune, trainable, spec: SweepSpec, out: Path, resume: bool, callbacks, storage: str,
+           max_concurrent: int | None):
+    from orchestrator.tune_adapter import make_router
+
+    experiment = f"{storage}/{EXPERIMENT}"
     if resume and tune.Tuner.can_restore(experiment):
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True,
                                    resume_errored=spec.max_failures > 0)
@@ -484,12 +487,11 @@ def _tuner(tune, trainable, spec: SweepSpec, defense: str, out: Path, resume: bo
         return tuner
     return tune.Tuner(
         trainable,
-        param_space={"hp": build_space(spec, defense)},
-        tune_config=tune.TuneConfig(search_alg=make_searcher(spec, defense, out),
-                                    num_samples=spec.trials_for(defense), reuse_actors=True,
+        tune_config=tune.TuneConfig(search_alg=make_router(spec, out),
+                                    num_samples=spec.total_trials(), reuse_actors=True,
                                     max_concurrent_trials=max_concurrent),
         run_config=tune.RunConfig(
-            name=defense, storage_path=storage, verbose=0, callbacks=callbacks,
+            name=EXPERIMENT, storage_path=storage, verbose=0, callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
 

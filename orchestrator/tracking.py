@@ -119,16 +119,17 @@ def log_records_safely(tracker: MlflowTracker, run_dir) -> None:
 
 
 class TrackingCallback(tune.Callback):
-    """Per-epoch metrics of a defense's Tune run into its trials' MLflow runs."""
+    """Per-epoch metrics of the sweep's trials into their MLflow runs."""
 
-    def __init__(self, tracker: MlflowTracker, defense: str):
-        self.tracker, self.defense = tracker, defense
+    def __init__(self, tracker: MlflowTracker):
+        self.tracker = tracker
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "record" in result or "epoch" not in result:
             return  # the final record is logged from the records (log_records)
         try:
-            run_id = self.tracker.run_id(trial.trial_id, self.defense, dict(trial.config.get("hp", {})))
+            run_id = self.tracker.run_id(trial.trial_id, trial.config.get("defense", ""),
+                                         dict(trial.config.get("hp", {})))
             self.tracker.log_metrics(run_id, _numbers((k, v) for k, v in result.items()
                                                       if k not in _NOT_METRICS), int(result["epoch"]))
         except Exception as e:  # see log_records_safely

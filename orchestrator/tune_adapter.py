@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import threading
 import uuid
 import warnings
@@ -23,6 +24,7 @@ from typing import Any, Callable
 import pyarrow.fs
 import torch
 from ray import tune
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.records import FAILED, TrialRecord, iso_utc, load_record, record_path, save_record
@@ -94,11 +96,13 @@ def _readable(checkpoint: tune.Checkpoint) -> bool:
         return False
 
 
-def tune_trial(config: dict[str, Any], defense: str, spec: dict[str, Any], run_dir: str,
-               run_id: str, storage: str = "") -> None:
-    """The Tune function trainable: the search algorithm fills ``config["hp"]``. ``storage``:
-    where data-parallel trials keep their Ray Train runs (the sweep's storage path)."""
+def tune_trial(config: dict[str, Any], spec: dict[str, Any], run_dir: str, run_id: str,
+               storage: str = "") -> None:
+    """The Tune function trainable: the search algorithm (``DefenseRouter``) fills
+    ``config["defense"]`` and ``config["hp"]``. ``storage``: where data-parallel trials keep
+    their Ray Train runs (the sweep's storage path)."""
     logging.basicConfig(level=logging.INFO)
+    defense = config["defense"]
     trial = {"defense": defense, "hp": config["hp"], "spec": spec, "run_dir": run_dir, "run_id": run_id}
     parsed = SweepSpec.model_validate(spec)
     if parsed.resources_for(defense).workers_per_trial > 1:
@@ -283,8 +287,8 @@ class RecordWriter(tune.Callback):
     """Writes each trial's final record into RUN_DIR/records, with its checkpoint path; a
     trial that crashed before reporting a record gets a failed record from its error."""
 
-    def __init__(self, run_dir: Path, spec: SweepSpec, run_id: str, defense: str):
-        self.run_dir, self.spec, self.run_id, self.defense = Path(run_dir), spec, run_id, defense
+    def __init__(self, run_dir: Path, spec: SweepSpec, run_id: str):
+        self.run_dir, self.spec, self.run_id = Path(run_dir), spec, run_id
         self._final: dict[str, TrialRecord] = {}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -306,7 +310,7 @@ class RecordWriter(tune.Callback):
         if record is None or record.status != FAILED:
             from orchestrator.dashboard import error_reason
             record = TrialRecord(
-                trial_id=trial.trial_id, defense=self.defense, dataset=self.spec.dataset,
+                trial_id=trial.trial_id, defense=trial.config.get("defense", ""), dataset=self.spec.dataset,
                 model=self.spec.model, seed=self.spec.seed, hp=dict(trial.config.get("hp", {})),
                 status=FAILED, error=error_reason(trial), run_id=self.run_id, finished_at=iso_utc())
             self._final[trial.trial_id] = record
@@ -389,16 +393,121 @@ def close_orphan_trials(spec: SweepSpec, defense: str, run_dir: Path) -> int:
 
 
 def make_searcher(spec: SweepSpec, defense: str, run_dir: Path):
-    """OptunaSearch over both objectives, its study kept in RUN_DIR/optuna.db (one study per
-    defense) so optuna-dashboard can open it and a resumed sweep continues its history; each
-    Optuna trial names the sweep's trial, its record and its checkpoint (``RecordedSearch``)."""
+    """``defense``'s OptunaSearch over the sweep's objectives and its search space
+    (``{"hp": ...}``), its study kept in RUN_DIR/optuna.db (one study per defense) so
+    optuna-dashboard can open it and a resumed sweep continues its history; each Optuna trial
+    names the sweep's trial, its record and its checkpoint (``RecordedSearch``)."""
+    from orchestrator.spec import build_space
+
     # one seed per defense: with the spec's seed alone every study would draw the same first
     # points of its unit cube (the same lr quantile for every defense, ...)
     seed = (spec.seed * 1_000_003 + zlib.crc32(defense.encode())) % 2**31
     return RecordedSearch(
+        space=OptunaSearch.convert_search_space({"hp": build_space(spec, defense)}),
         metric=list(spec.objectives), mode=["max"] * len(spec.objectives),
         sampler=_samplers()[spec.search](seed, spec.trials_for(defense)),
         study_name=study_name(spec, defense), storage=optuna_storage(run_dir), run_dir=run_dir)
+
+
+def make_router(spec: SweepSpec, run_dir: Path) -> "DefenseRouter":
+    """The sweep's search algorithm: every defense's searcher behind one ``DefenseRouter``."""
+    return DefenseRouter({d: make_searcher(spec, d, run_dir) for d in spec.defenses},
+                         {d: spec.trials_for(d) for d in spec.defenses},
+                         {d: spec.resources_for(d).max_concurrent for d in spec.defenses})
+
+
+class DefenseRouter(Searcher):
+    """One Tune run for the whole sweep, so that the trials of every defense share the
+    cluster's slots at once: each ``suggest`` picks the defense of the next trial, asks that
+    defense's own searcher (its Optuna study) for a configuration and returns
+    ``{"defense": d, "hp": ...}``; results and completions go back to the searcher that made
+    the suggestion. Each study thus learns only from its own defense, as when every defense
+    had its own Tune run.
+
+    The pick (``allocation: fixed``): the defense with the smallest share of its trial budget
+    suggested so far, ties in the spec's order. Defenses interleave in proportion to their
+    budgets, so a cluster's first slots hold trials of every defense and no defense waits for
+    another's slowest trial. A defense at its own ``max_concurrent`` running trials is passed
+    over until one ends (with every open defense there, Tune is told to ask later). Tune saves the router (``save``) with its experiment state and a
+    resumed sweep restores it: suggestion counts, owners and every study's searcher."""
+
+    def __init__(self, searchers: dict[str, Searcher], budget: dict[str, int],
+                 max_concurrent: dict[str, int | None] | None = None):
+        super().__init__(metric=None, mode=None)
+        self._searchers = dict(searchers)
+        self._budget = dict(budget)
+        self._cap = dict(max_concurrent or {})
+        self._suggested = {d: 0 for d in searchers}
+        self._owner: dict[str, str] = {}
+        self._running: set[str] = set()
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return not config  # each defense's searcher holds its own space and objectives
+
+    def open_defenses(self) -> list[str]:
+        """The defenses with trials of their budget not yet suggested."""
+        return [d for d in self._searchers if self._suggested[d] < self._budget[d]]
+
+    def next_defense(self) -> str | None:
+        """The defense of the next trial; None while every open defense is at its cap."""
+        running = {d: sum(self._owner[t] == d for t in self._running) for d in self._searchers}
+        free = [d for d in self.open_defenses() if self._cap.get(d) is None or running[d] < self._cap[d]]
+        return min(free, key=lambda d: self._suggested[d] / self._budget[d], default=None)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if not self.open_defenses():
+            return Searcher.FINISHED
+        defense = self.next_defense()
+        if defense is None:
+            return None
+        config = self._searchers[defense].suggest(trial_id)
+        if config is None or config == Searcher.FINISHED:
+            return None
+        self._owner[trial_id] = defense
+        self._suggested[defense] += 1
+        self._running.add(trial_id)
+        return {"defense": defense, **config}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._owner:
+            self._searchers[self._owner[trial_id]].on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self._running.discard(trial_id)
+        if trial_id in self._owner:
+            self._searchers[self._owner[trial_id]].on_trial_complete(trial_id, result, error)
+
+    def owner(self, trial_id: str) -> str | None:
+        return self._owner.get(trial_id)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__.copy(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+class TrialResources:
+    """What a trial holds, from the defense its configuration names (``SweepSpec.resources_for``:
+    the spec's resources, a defense's GPU share or its own override). A data-parallel trial's
+    function only waits on its Ray Train workers, which reserve their own placement group: it
+    holds no CPU (with N workers on N CPUs it would keep one of them from starting); Tune
+    cannot place a trial that asks for nothing at all, so it asks for one byte of memory."""
+
+    def __init__(self, spec: SweepSpec):
+        from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
+
+        self._by_defense = {}
+        for d in spec.defenses:
+            r = spec.resources_for(d)
+            self._by_defense[d] = resource_dict_to_pg_factory(
+                {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial} if r.workers_per_trial == 1
+                else {"cpu": 0, "memory": 1})
+
+    def __call__(self, config: dict[str, Any]):
+        return self._by_defense[config["defense"]]
 
 
 import optuna.samplers  # noqa: E402  (OptunaSearch has imported optuna already)

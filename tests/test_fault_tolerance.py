@@ -97,7 +97,7 @@ def test_worker_node_killed_mid_trial_resumes_from_its_checkpoint(cluster, tmp_p
     killed = None
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and killed is None:
-        if list((out / "tune" / "pgd_at").glob("*/checkpoint_000000")):
+        if list((out / "tune" / "sweep").glob("*/checkpoint_000000")):
             killed = node_running_trial(workers)
             if killed is not None:
                 c.remove_node(killed, allow_graceful=False)
@@ -108,7 +108,7 @@ def test_worker_node_killed_mid_trial_resumes_from_its_checkpoint(cluster, tmp_p
 
     trials = pd.read_csv(out / "trials.csv")
     assert len(trials) == 1 and trials.status.iloc[0] == "completed", trials.error.iloc[0]
-    trial_dir = next((out / "tune" / "pgd_at").glob("tune_trial_*"))
+    trial_dir = next((out / "tune" / "sweep").glob("tune_trial_*"))
     starts = [r.get("start_epoch") for r in results(trial_dir) if "start_epoch" in r]
     # the last attempt began after an epoch checkpoint (Tune may rewrite result.json when it
     # restores the trial, so the first attempt's rows are not always still there)
@@ -137,14 +137,15 @@ def completed_records(out: Path) -> set[str]:
 
 def interrupted_with_checkpoint(out: Path) -> set[str]:
     done = completed_records(out)
-    return {d.name.split("_")[2] for d in (out / "tune" / "standard").glob("tune_trial_*")
+    return {d.name.split("_")[2] for d in (out / "tune" / "sweep").glob("tune_trial_*")
             if list(d.glob("checkpoint_*/checkpoint.pt")) and d.name.split("_")[2] not in done}
 
 
 DRIVER_SPEC = {"name": "ft-driver", "epochs": 3, "train_samples": 400, "eval_samples": 60,
                "batch_size": 50, "search": "tpe",
                "threat_model": {"eps": 0.3, "attacks": ["fgsm"], "train_steps": 2, "final_eval": "none"},
-               "defenses": {"standard": {"trials": 4}}}
+               # two defenses: the resumed sweep's searcher routes each trial to its own study
+               "defenses": {"standard": {"trials": 3}, "pgd_at": {"trials": 1}}}
 
 
 @pytest.mark.slow
@@ -179,17 +180,21 @@ def test_driver_killed_mid_sweep_then_resume_finishes_it(cluster, tmp_path):
     for trial_id, record in before.items():  # what had finished is what the CSV holds
         if trial_id in finished:
             assert trials.loc[trial_id, "train_seconds"] == pytest.approx(record["train_seconds"])
-    for d in (out / "tune" / "standard").glob("tune_trial_*"):
+    for d in (out / "tune" / "sweep").glob("tune_trial_*"):
         trial_id = d.name.split("_")[2]
         after = [r for r in results(d) if r["timestamp"] > killed_at]  # whole seconds
         if trial_id in finished:  # at most reported again from its final checkpoint: no epoch
             assert all(r["start_epoch"] == DRIVER_SPEC["epochs"] for r in after), after
         elif trial_id in checkpointed:  # interrupted: on from its last checkpoint
             assert after and min(r["start_epoch"] for r in after) >= 1, after
-    study = optuna.load_study(study_name="ft-driver-standard", storage=f"sqlite:///{out / 'optuna.db'}")
-    states = [t.state for t in study.trials]
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 4
-    assert optuna.trial.TrialState.RUNNING not in states
+    assert trials.defense.value_counts().to_dict() == {"standard": 3, "pgd_at": 1}
+    for defense, n in (("standard", 3), ("pgd_at", 1)):
+        study = optuna.load_study(study_name=f"ft-driver-{defense}", storage=f"sqlite:///{out / 'optuna.db'}")
+        states = [t.state for t in study.trials]
+        assert states.count(optuna.trial.TrialState.COMPLETE) == n
+        assert optuna.trial.TrialState.RUNNING not in states
+        done = {t.user_attrs["trial_id"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+        assert done == set(trials.index[trials.defense == defense])
 
 
 # ------------------------------------------------------------------ a trial keeps failing

@@ -1,0 +1,90 @@
+"""One Tune run per sweep: ``DefenseRouter`` gives the trials of every defense the cluster's
+slots at once while each defense keeps its own Optuna study."""
+import pickle
+from datetime import datetime
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from orchestrator import sweep
+from orchestrator.spec import parse
+from orchestrator.tune_adapter import DefenseRouter, make_router
+
+RESULT = {"clean_acc": 0.9, "robust_acc": 0.4}
+
+
+def studies(folder) -> dict[str, list]:
+    storage = f"sqlite:///{folder / 'optuna.db'}"
+    return {s.study_name: optuna.load_study(study_name=s.study_name, storage=storage).trials
+            for s in optuna.get_all_study_summaries(storage)}
+
+
+def test_router_interleaves_defenses_by_budget_and_routes_each_result_to_its_study(tmp_path):
+    spec = parse({"name": "route", "search": "random",
+                  "defenses": {"standard": {"trials": 2}, "pgd_at": {"trials": 4}, "trades": {"trials": 2}}})
+    router = make_router(spec, tmp_path)
+    configs = [router.suggest(f"t{i}") for i in range(8)]
+    order = [c["defense"] for c in configs]
+    assert order[:3] == ["standard", "pgd_at", "trades"]  # a cluster's first slots hold all three
+    assert {d: order.count(d) for d in set(order)} == {"standard": 2, "pgd_at": 4, "trades": 2}
+    assert all(set(c) == {"defense", "hp"} and c["hp"] for c in configs)
+    assert "beta" in configs[2]["hp"] and "beta" not in configs[0]["hp"]  # each its own space
+    assert router.suggest("t8") == DefenseRouter.FINISHED
+
+    router.on_trial_complete("t1", RESULT)  # pgd_at's
+    found = studies(tmp_path)
+    assert [t.state for t in found["route-pgd_at"]].count(optuna.trial.TrialState.COMPLETE) == 1
+    assert all(t.state != optuna.trial.TrialState.COMPLETE
+               for name in ("route-standard", "route-trades") for t in found[name])
+
+    # Tune saves the router with its experiment and a resumed sweep restores it
+    router.save(str(tmp_path / "router.pkl"))
+    again = make_router(spec, tmp_path)
+    again.restore(str(tmp_path / "router.pkl"))
+    assert again.owner("t2") == "trades" and again.suggest("t9") == DefenseRouter.FINISHED
+    again.on_trial_complete("t2", RESULT)
+    assert [t.state for t in studies(tmp_path)["route-trades"]].count(optuna.trial.TrialState.COMPLETE) == 1
+    pickle.loads(pickle.dumps(again))  # and Tune pickles it into tuner.pkl
+
+
+def test_a_defense_at_its_own_max_concurrent_waits_for_one_of_its_trials(tmp_path):
+    spec = parse({"name": "cap", "search": "random",
+                  "defenses": {"standard": {"trials": 1},
+                               "pgd_at": {"trials": 3, "resources": {"max_concurrent": 1}}}})
+    router = make_router(spec, tmp_path)
+    assert router.suggest("a")["defense"] == "standard"
+    assert router.suggest("b")["defense"] == "pgd_at"
+    assert router.suggest("c") is None   # pgd_at is at its cap, standard's budget is used
+    router.on_trial_complete("b", RESULT)
+    assert router.suggest("c")["defense"] == "pgd_at"
+
+
+def test_three_defenses_run_trials_at_overlapping_times(ray_session, tmp_path, capsys):
+    raw = {"name": "joint", "epochs": 2, "train_samples": 300, "eval_samples": 50, "batch_size": 50,
+           "search": "random",
+           # eight slots on the test session's two CPUs: every trial fits at once
+           "resources": {"cpus_per_trial": 0.25},
+           "threat_model": {"eps": 0.3, "attacks": ["fgsm"], "train_steps": 2, "masking_samples": 0,
+                            "final_eval": "none"},
+           "defenses": {"standard": {"trials": 2}, "pgd_at": {"trials": 2}, "trades": {"trials": 2}}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    rc = sweep.main(["--spec", str(tmp_path / "spec.yaml"), "--out", str(out), "--no-dashboard"])
+    assert rc == 0, capsys.readouterr().err
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 6 and (trials.status == "completed").all()
+    assert trials.defense.value_counts().to_dict() == {"standard": 2, "pgd_at": 2, "trades": 2}
+    spans = [(d, datetime.fromisoformat(s), datetime.fromisoformat(f))
+             for d, s, f in zip(trials.defense, trials.started_at, trials.finished_at)]
+    overlapping = {frozenset((a[0], b[0])) for a in spans for b in spans
+                   if a[0] != b[0] and a[1] < b[2] and b[1] < a[2]}
+    assert len(overlapping) >= 2, spans  # at least two pairs of defenses ran side by side
+    assert (out / "tune" / sweep.EXPERIMENT).is_dir()
+    found = studies(out)
+    assert sorted(found) == ["joint-pgd_at", "joint-standard", "joint-trades"]
+    for name, ts in found.items():
+        assert [t.state for t in ts] == [optuna.trial.TrialState.COMPLETE] * 2, name
+        assert {t.user_attrs["trial_id"] for t in ts} == \
+            set(trials.trial_id[trials.defense == name.split("-", 1)[1]].astype(str))
