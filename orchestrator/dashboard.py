@@ -223,7 +223,7 @@ class Dashboard(Callback):
         else:
             with self._lock:
                 row = self._row(trial.trial_id)
-            self._finish(row, STOPPED, "ended without a final record")
+            self._finish(row, STOPPED, f"stopped early after epoch {row.epoch}")
 
     @_guarded
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:

@@ -15,6 +15,7 @@ from orchestrator.stats import accuracy_interval
 
 COMPLETED = "completed"
 FAILED = "failed"
+STOPPED = "stopped"  # stopped early by the scheduler (mo_asha): off the fronts and the final evaluation
 RUNNING = "running"
 
 # Column order of trials.csv before the prefixed groups (hp.*, acc.*, flag.*, metric.*).

@@ -160,6 +160,24 @@ class MlflowSpec(_Strict):
     experiment_name: str | None = None        # default: the spec's name
 
 
+class SchedulerSpec(_Strict):
+    # "mo_asha": multi-objective asynchronous successive halving (orchestrator/mo_asha.py):
+    # at epochs grace_period · reduction_factor^k, a trial goes on only if it ranks in the
+    # top 1/reduction_factor of the trials recorded there, on the per-epoch validation
+    # objectives; "none": every trial trains to its last epoch
+    name: Literal["none", "mo_asha"] = "none"
+    grace_period: int = Field(1, gt=0)
+    reduction_factor: float = 3.0
+
+    @field_validator("reduction_factor")
+    @classmethod
+    def _halves(cls, v: float) -> float:
+        if v < 2:
+            raise ValueError(f"reduction_factor must be ≥ 2 (each rung keeps 1/reduction_factor "
+                             f"of its trials), got {v!r}; successive halving uses 2–4")
+        return v
+
+
 class TrackingSpec(_Strict):
     # one key per backend; a trial's runs are written by the driver (orchestrator.tracking)
     mlflow: MlflowSpec | None = None
@@ -186,6 +204,7 @@ class SweepSpec(_Strict):
     defenses: dict[str, DefenseSpec] = Field(min_length=1)
     trials_per_defense: int = Field(2, gt=0)
     objectives: list[Literal["clean_acc", "robust_acc"]] = ["clean_acc", "robust_acc"]
+    scheduler: SchedulerSpec = SchedulerSpec()   # early stopping of trials (default: none)
     # NSGA-II: at or above TPE on every seed of B4 (BENCHMARKS.md), Optuna's own default for
     # multi-objective studies; neither beats random search by much at sweep-sized budgets
     search: Literal["tpe", "nsga2", "random"] = "nsga2"
@@ -240,6 +259,29 @@ class SweepSpec(_Strict):
     def _curve_within_test_split(cls, v: ThreatSpec, info) -> ThreatSpec:
         _check_test_split("threat_model.curve_samples", v.curve_samples, info.data.get("dataset"),
                           "null: all of eval_samples")
+        return v
+
+    @field_validator("objectives")
+    @classmethod
+    def _two_distinct(cls, v: list[str]) -> list[str]:
+        if len(v) < 2:
+            raise ValueError(f"give at least two (a front trades one off against "
+                             f"another), e.g. [clean_acc, robust_acc]; got {v!r}")
+        twice = next((o for o in v if v.count(o) > 1), None)
+        if twice:
+            raise ValueError(f"{twice!r} is listed twice; list each once")
+        return v
+
+    @field_validator("scheduler")
+    @classmethod
+    def _rung_before_the_end(cls, v: SchedulerSpec, info) -> SchedulerSpec:
+        epochs = info.data.get("epochs")
+        if v.name != "none" and epochs is not None and v.grace_period >= epochs:
+            raise ValueError(f"scheduler.grace_period={v.grace_period} must be below epochs={epochs}: "
+                             "a trial is first judged after grace_period epochs")
+        if v.name != "none" and info.data.get("validation_samples") == 0:
+            raise ValueError(f"scheduler {v.name!r} ranks trials on the validation split, but "
+                             "validation_samples is 0: give it some (e.g. 256)")
         return v
 
     @field_validator("resources")

@@ -472,6 +472,17 @@ def use_live_callbacks(tuner, callbacks) -> None:
     tuner._local_tuner.get_run_config().callbacks = callbacks
 
 
+def make_scheduler(spec: SweepSpec):
+    """The spec's trial scheduler: None (every trial to its last epoch) or MO-ASHA on the
+    per-epoch validation numbers of the spec's objectives."""
+    s = spec.scheduler
+    if s.name == "none":
+        return None
+    from orchestrator.mo_asha import MOASHA
+
+    return MOASHA([f"val.{o}" for o in spec.objectives], spec.epochs, s.grace_period, s.reduction_factor)
+
+
 EXPERIMENT = "sweep"  # the Tune experiment's folder in the storage: STORAGE/sweep
 
 
@@ -487,7 +498,7 @@ def _tuner(tune, trainable, spec: SweepSpec, out: Path, resume: bool, callbacks,
         return tuner
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=make_router(spec, out),
+        tune_config=tune.TuneConfig(search_alg=make_router(spec, out), scheduler=make_scheduler(spec),
                                     num_samples=spec.total_trials(), reuse_actors=True,
                                     max_concurrent_trials=max_concurrent),
         run_config=tune.RunConfig(

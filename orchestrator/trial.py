@@ -113,13 +113,20 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
                 reporter.report(final_metrics(done, spec.epochs, start_epoch), restored if chief else None)
                 return done
 
+        validation: dict[str, float] = {}  # the last epoch's validation objectives
+
         def on_epoch(epoch: int, metrics: dict[str, float], seconds: float) -> None:
             record.epochs = epoch
+            if chief and spec.scheduler.name != "none":  # what the early-stopping rungs rank
+                with parallel.local_only():
+                    validation.update(validation_objectives(s))
+                metrics = {**metrics, **validation}
             with tempfile.TemporaryDirectory() as tmp:
                 if chief:
                     save_checkpoint(Path(tmp), s, epoch, seconds_before + seconds,
                                     started_at=record.started_at)
                 reporter.report({**base, "epoch": epoch, "status": "running", "start_epoch": start_epoch,
+                                 "train_seconds": seconds_before + seconds, "started_at": record.started_at,
                                  "clean_acc": math.nan, "robust_acc": math.nan, **metrics,
                                  **{f"flag.{k}": v for k, v in s.defense.flags().items()}},
                                 Path(tmp) if chief else None)
@@ -132,7 +139,7 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
         if chief:
             with parallel.local_only():
                 report = _evaluate(s)
-            record.set_evaluation(report)
+            record.set_evaluation(report, validation)
             broken = report.broken()
         record.finished_at = iso_utc()
         with tempfile.TemporaryDirectory() as tmp:
@@ -175,6 +182,32 @@ def _evaluate(s: TrialSetup):
                                 attacks=tuple(t.attacks), curve_samples=t.curve_samples,
                                 batch_size=max(s.spec.batch_size, 256), seed=s.spec.seed)
     return evaluate(s.defense, (x, y), spec, fpr_images=all_test_images(s))
+
+
+VALIDATION_ATTACK = "apgd_ce-10"  # cheap and step-size free, as the search cascade's APGD
+VALIDATION_IMAGES = 256          # at most this many of the validation split, every epoch
+
+
+def validation_objectives(s: TrialSetup) -> dict[str, float]:
+    """``val.clean_acc`` and ``val.robust_acc`` (APGD-CE-10 at the spec's ε) of the defense as
+    it is after an epoch, on the first ≤ 256 images of the validation split (held out of all
+    training): what ``orchestrator.mo_asha`` ranks trials on. The attack's random start draws
+    from a forked RNG, so training goes on as it would without it. A defense that cannot
+    predict mid-training (a detector before its threshold exists) reports nothing; its trials
+    then run to the end."""
+    from defenses.evaluation.benchmark import benchmark
+
+    n = min(VALIDATION_IMAGES, s.data.n_val)
+    x, y = data_lib.as_float(s.data.val_x[:n], s.device), s.data.val_y[:n].to(s.device)
+    try:
+        with torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []):
+            r = benchmark(s.defense, x, y, s.spec.threat_model.eps, [VALIDATION_ATTACK],
+                          max(s.spec.batch_size, 256), adaptive=False)
+    except Exception as e:
+        log.warning("no validation objectives this epoch (%s: %s): early stopping cannot judge "
+                    "this trial", type(e).__name__, e)
+        return {}
+    return {"val.clean_acc": r.clean_acc, "val.robust_acc": r.robust_acc}
 
 
 def final_metrics(record: TrialRecord, planned_epochs: int, start_epoch: int = 0) -> dict[str, Any]:

@@ -27,7 +27,8 @@ from ray import tune
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.records import FAILED, TrialRecord, iso_utc, load_record, record_path, save_record
+from orchestrator.records import (FAILED, RUNNING, STOPPED, TrialRecord, iso_utc, load_record,
+                                  record_path, save_record)
 from orchestrator.spec import SweepSpec
 from orchestrator.trial import final_metrics, new_record, run_trial
 from orchestrator.training import CHECKPOINT_FILE
@@ -305,6 +306,23 @@ class RecordWriter(tune.Callback):
             record.checkpoint = checkpoint_uri(checkpoint)
             save_record(self.run_dir, record)
 
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        # a trial the scheduler stopped ends after an epoch report, without a final record
+        last = trial.last_result or {}
+        if trial.trial_id in self._final or last.get("status") != RUNNING:
+            return
+        record = TrialRecord(
+            trial_id=trial.trial_id, defense=trial.config.get("defense", ""), dataset=self.spec.dataset,
+            model=self.spec.model, seed=self.spec.seed, hp=dict(trial.config.get("hp", {})),
+            status=STOPPED, epochs=int(last.get("epoch", 0)), run_id=self.run_id,
+            train_seconds=float(last.get("train_seconds", 0.0)), started_at=str(last.get("started_at", "")),
+            finished_at=iso_utc(), error=f"stopped early by the scheduler after epoch {last.get('epoch')}",
+            metrics={k: float(v) for k, v in last.items() if k.startswith("val.")})
+        if trial.checkpoint is not None:
+            record.checkpoint = checkpoint_uri(trial.checkpoint)
+        self._final[trial.trial_id] = record
+        save_record(self.run_dir, record)
+
     def on_trial_error(self, iteration, trials, trial, **info):
         record = self._final.get(trial.trial_id)
         if record is None or record.status != FAILED:
@@ -545,6 +563,8 @@ class RecordedSearch(OptunaSearch):
         self._run_dir = str(run_dir)
 
     def on_trial_complete(self, trial_id, result=None, error=False):
+        if not error and result and result.get("status") == RUNNING:
+            result = None  # stopped early (after an epoch, not its evaluation): Optuna's PRUNED
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None and trial_id not in self._completed_trials:
             for key, value in _user_attrs(Path(self._run_dir), trial_id).items():
