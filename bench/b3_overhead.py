@@ -20,10 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
-import yaml
 
-from bench.common import load_line, section, table
+from bench.common import load_line, section, sweep_cli, table
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {"tiny": dict(ns=(1,), workers=(1,), floor_fits=0), "quick": dict(ns=(1, 4), workers=(1,), floor_fits=0),
@@ -40,16 +38,7 @@ def spec(n: int, workers: int) -> dict:
 
 def sweep(n: int, workers: int, tmp: Path) -> tuple[float, float, int]:
     """(wall s, Σ trial compute s, completed trials) of one sweep in a fresh process."""
-    spec_file, out = tmp / f"spec-{n}-{workers}.yaml", tmp / f"out-{n}-{workers}"
-    spec_file.write_text(yaml.safe_dump(spec(n, workers)))
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(ROOT / "orchestrator" / "sweep.py"), "--spec", str(spec_file),
-                           "--out", str(out), "--no-dashboard", "--address", "local"],
-                          cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"sweep exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
-    df = pd.read_csv(out / "trials.csv")
+    wall, df = sweep_cli(spec(n, workers), tmp, f"out-{n}-{workers}")
     done = df[df["status"] == "completed"]
     return wall, float((done["train_seconds"] + done["eval_seconds"]).sum()), len(done)
 

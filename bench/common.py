@@ -10,7 +10,10 @@ import os
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, Sequence
+
+import pandas as pd
 
 MODES = ("tiny", "quick", "full")
 
@@ -55,6 +58,27 @@ def ratio(num: Sequence[float], den: Sequence[float]) -> Stats:
 
 def fmt_ratio(r: Stats) -> str:
     return f"{r.median:.2f}× ({r.low:.2f}–{r.high:.2f})"
+
+
+def sweep_cli(spec: dict, tmp: Path, name: str) -> tuple[float, pd.DataFrame]:
+    """Run ``spec`` through the sweep CLI in a fresh process (``--no-dashboard --address
+    local``); its wall seconds and trials.csv."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    spec_file, out = tmp / f"{name}.yaml", tmp / name
+    spec_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(root / "orchestrator" / "sweep.py"), "--spec", str(spec_file),
+                           "--out", str(out), "--no-dashboard", "--address", "local"],
+                          cwd=root, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"sweep {name} exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+    return wall, pd.read_csv(out / "trials.csv", dtype={"trial_id": str})
 
 
 def load_line() -> str:

@@ -21,7 +21,8 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 from defenses.core.cache import atomic_write  # noqa: E402
 
 BENCHMARKS = {"b1": "bench.b1_step", "b2": "bench.b2_attacks", "b3": "bench.b3_overhead",
-              "b4": "bench.b4_search", "b5": "bench.b5_aggregate"}
+              "b4": "bench.b4_search", "b5": "bench.b5_aggregate",
+              "b7": "bench.b7_early_stopping", "b8": "bench.b8_cluster"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,7 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="reduced settings (≤ 5 min on 2 cores)")
     size.add_argument("--tiny", action="store_true", help="smoke-test settings (seconds; numbers meaningless)")
-    p.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated: b1,b2,b3,b4,b5")
+    p.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated: " + ",".join(BENCHMARKS))
     p.add_argument("--md", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to rewrite")
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)

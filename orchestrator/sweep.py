@@ -219,22 +219,23 @@ def _check_fits(r, cpus: float, gpus: float, where: str, node_cpus: float | None
                          "a trial would wait forever: lower workers_per_trial or the per-worker resources")
 
 
-def concurrent_trials(spec: SweepSpec, cpus: float, gpus: float) -> int | None:
-    """How many trials may run at once (None: as many as Tune can place). A data-parallel
-    trial's function holds no resources itself (its workers do), so Tune cannot count them:
-    with any, cap the sweep by how many of the largest data-parallel trial the cluster holds."""
+def concurrent_trials(spec: SweepSpec, cpus: float, gpus: float) -> int:
+    """How many trials may run at once: as many as the cluster fits of the smallest trial
+    (Tune still places each by its own resources), capped by ``resources.max_concurrent``.
+    Tune needs the number: with a search algorithm of its own kind it starts one trial at a
+    time unless ``max_concurrent_trials`` is set (``_get_max_pending_trials``, Ray 2.60), so
+    a 64-slot cluster would fill one trial launch after another. A data-parallel trial's
+    function holds no resources itself (its workers do): it counts with its workers'."""
     fits = []
     for defense in spec.defenses:
         r = spec.resources_for(defense)
-        if r.workers_per_trial > 1:
-            fit = int(cpus // r.trial_cpus())
-            if r.trial_gpus() > 0:
-                fit = min(fit, int(gpus // r.trial_gpus()))
-            fits.append(max(1, fit))
+        fit = cpus // r.trial_cpus()
+        if r.trial_gpus() > 0:
+            fit = min(fit, gpus // r.trial_gpus())
+        fits.append(int(fit))
+    most = max(1, max(fits))
     cap = spec.resources.max_concurrent
-    if not fits:
-        return cap
-    return min(min(fits), cap or min(fits))
+    return min(most, cap) if cap else most
 
 
 def _check_writable(folder: Path, what: str, option: str) -> None:

@@ -13,6 +13,7 @@ import logging
 import math
 import shutil
 import tempfile
+import time
 import traceback
 import uuid
 from pathlib import Path
@@ -114,13 +115,16 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
                 return done
 
         validation: dict[str, float] = {}  # the last epoch's validation objectives
+        validation_seconds = [0.0]         # their cost, counted in eval_seconds
 
         def on_epoch(epoch: int, metrics: dict[str, float], seconds: float) -> None:
             record.epochs = epoch
             if chief and spec.scheduler.name != "none":  # what the early-stopping rungs rank
+                t0 = time.perf_counter()
                 with parallel.local_only():
                     validation.update(validation_objectives(s))
-                metrics = {**metrics, **validation}
+                validation_seconds[0] += time.perf_counter() - t0
+                metrics = {**metrics, **validation, "val_seconds": validation_seconds[0]}
             with tempfile.TemporaryDirectory() as tmp:
                 if chief:
                     save_checkpoint(Path(tmp), s, epoch, seconds_before + seconds,
@@ -140,6 +144,7 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
             with parallel.local_only():
                 report = _evaluate(s)
             record.set_evaluation(report, validation)
+            record.eval_seconds += validation_seconds[0]
             broken = report.broken()
         record.finished_at = iso_utc()
         with tempfile.TemporaryDirectory() as tmp:

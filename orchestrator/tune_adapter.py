@@ -315,7 +315,8 @@ class RecordWriter(tune.Callback):
             trial_id=trial.trial_id, defense=trial.config.get("defense", ""), dataset=self.spec.dataset,
             model=self.spec.model, seed=self.spec.seed, hp=dict(trial.config.get("hp", {})),
             status=STOPPED, epochs=int(last.get("epoch", 0)), run_id=self.run_id,
-            train_seconds=float(last.get("train_seconds", 0.0)), started_at=str(last.get("started_at", "")),
+            train_seconds=float(last.get("train_seconds", 0.0)), eval_seconds=float(last.get("val_seconds", 0.0)),
+            started_at=str(last.get("started_at", "")),
             finished_at=iso_utc(), error=f"stopped early by the scheduler after epoch {last.get('epoch')}",
             metrics={k: float(v) for k, v in last.items() if k.startswith("val.")})
         if trial.checkpoint is not None:

@@ -5,7 +5,6 @@ from datetime import datetime
 
 import optuna
 import pandas as pd
-import pytest
 import yaml
 
 from orchestrator import sweep

@@ -1,0 +1,119 @@
+"""B8: a simulated large cluster — slot use and makespan of one Tune run for every defense
+(``DefenseRouter``, today's design) against one Tune run per defense in sequence (the design
+before it), on the same trials.
+
+The real search code (``make_router``: every defense's Optuna study, Tune's controller and
+actor reuse) runs on a local Ray that declares ``slots`` logical CPUs; each trial holds one
+and sleeps for a duration recorded in a real run of the default preset (``DURATIONS``:
+train + evaluation seconds per trial and defense, CPU, 2026-12-02), scaled so the mean trial
+lasts ``mean_s`` seconds. 16 trials per defense: each sleeps one of its defense's recorded
+durations times a jitter in [0.8, 1.2], both picked by a hash of its configuration (random
+search draws the same configurations in both designs, so both sleep the same).
+
+Slots busy = Σ trial sleep seconds / (slots × makespan); makespan = the wall time of the
+design's ``fit`` calls, Tune's own overheads included."""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+from bench.common import load_line, section, table
+
+ROOT = Path(__file__).resolve().parent.parent
+# train_seconds + eval_seconds per trial of the default preset's search
+# (python orchestrator/sweep.py --out RUN --final-eval none; 2 trials per defense)
+DURATIONS = json.loads((Path(__file__).with_name("b8_durations.json")).read_text())
+SETTINGS = {"tiny": dict(slots=8, trials=2, mean_s=0.5, defenses=3),
+            "quick": dict(slots=32, trials=16, mean_s=8.0, defenses=10),
+            "full": dict(slots=64, trials=16, mean_s=15.0, defenses=10)}
+
+
+def sleep_seconds(defense: str, hp: dict, scale: float) -> float:
+    """A recorded duration of ``defense`` and a jitter, both picked by the configuration."""
+    recorded = DURATIONS[defense]
+    h = zlib.crc32(json.dumps(hp, sort_keys=True).encode())
+    return recorded[h % len(recorded)] * (0.8 + 0.4 * (h // 7 % 1000) / 999) * scale
+
+
+def sleeper(config: dict, scale: float) -> None:
+    """A trial that only sleeps, then reports two objectives (the router's studies need them)."""
+    from ray import tune
+
+    t0 = time.time()
+    time.sleep(sleep_seconds(config["defense"], config["hp"], scale))
+    u = (zlib.crc32(json.dumps(config["hp"], sort_keys=True).encode()) % 1000) / 999
+    tune.report({"clean_acc": u, "robust_acc": 1 - u, "slept": time.time() - t0, "t0": t0})
+
+
+def spec_for(defenses: list[str], trials: int):
+    from orchestrator.spec import parse
+
+    return parse({"name": "b8", "search": "random",
+                  "defenses": {d: {"trials": trials} for d in defenses}})
+
+
+def fit(spec, out: Path, scale: float, name: str, slots: int) -> tuple[list[float], float]:
+    """One Tune run of ``spec``'s trials, as the sweep starts it: the seconds each trial slept,
+    and how long after ``fit`` began the first one started (the cluster filling up)."""
+    from ray import tune
+
+    from orchestrator.sweep import concurrent_trials
+    from orchestrator.tune_adapter import make_router
+
+    trainable = tune.with_resources(tune.with_parameters(sleeper, scale=scale), {"cpu": 1})
+    tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
+        search_alg=make_router(spec, out), num_samples=spec.total_trials(), reuse_actors=True,
+        max_concurrent_trials=concurrent_trials(spec, slots, 0)),
+        run_config=tune.RunConfig(name=name, storage_path=str(out / "tune"), verbose=0))
+    start = time.time()
+    results = [r.metrics for r in tuner.fit()]
+    return [m["slept"] for m in results], min(m["t0"] for m in results) - start
+
+
+def run(mode: str) -> str:
+    import ray
+
+    cfg = SETTINGS[mode]
+    started = load_line()
+    defenses = sorted(DURATIONS)[: cfg["defenses"]]
+    mean = sum(sum(v) for v in DURATIONS.values()) / sum(len(v) for v in DURATIONS.values())
+    scale = cfg["mean_s"] / mean
+    rows = []
+    ray.init(num_cpus=cfg["slots"], include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            measured = {}
+            for design in ("sequential", "joint"):
+                out = Path(tmp) / design
+                out.mkdir()
+                t0 = time.perf_counter()
+                runs = [fit(spec_for(defenses, cfg["trials"]), out, scale, "joint", cfg["slots"])] \
+                    if design == "joint" else \
+                    [fit(spec_for([d], cfg["trials"]), out, scale, d, cfg["slots"]) for d in defenses]
+                wall = time.perf_counter() - t0
+                slept = [x for r, _ in runs for x in r]
+                filling = sum(f for _, f in runs)
+                measured[design] = wall
+                busy = sum(slept) / cfg["slots"]
+                rows.append([design, len(runs), len(slept), f"{sum(slept):.0f}", f"{wall:.1f}",
+                             f"{filling:.1f}", f"{100 * busy / wall:.0f} %",
+                             f"{100 * busy / (wall - filling):.0f} %"])
+    finally:
+        ray.shutdown()
+    speedup = measured["sequential"] / measured["joint"]
+    body = (f"{len(defenses)} defenses × {cfg['trials']} trials on {cfg['slots']} logical slots "
+            f"(1 per trial); trial durations from a real default-preset run, scaled to a mean of "
+            f"{cfg['mean_s']:g} s. Targets: ≥ 85 % of slots busy (joint), ≥ 4× shorter makespan.\n\n"
+            + table(["design", "Tune runs", "trials", "Σ trial s", "makespan s",
+                     "until the first trial started s", "slots busy", "slots busy after the first start"], rows)
+            + f"\n\nmakespan sequential / joint: **{speedup:.2f}×**")
+    return section(f"B8 a simulated large cluster (mode {mode})",
+                   f"python bench/run.py --only b8{'' if mode == 'full' else ' --' + mode}", body, started)
+
+
+if __name__ == "__main__":
+    print(run("quick"))
