@@ -113,6 +113,14 @@ def test_nan_trial_is_failed_and_the_sweep_goes_on(ray_session, tmp_path):
     ({"defenses": ["nope"]}, "registered defenses"),
     ({"defenses": ["standard"], "resources": {"cpus_per_trial": 4096}}, "cpus_per_trial=4096"),
     ({"defenses": ["standard"], "resources": {"gpus_per_trial": 64}}, "gpus_per_trial=64"),
+    # early stopping and objectives (TINY trains 1 epoch: grace_period 1 is not below it)
+    ({"defenses": ["standard"], "scheduler": {"name": "hyperband"}}, "'none' or 'mo_asha'"),
+    ({"defenses": ["standard"], "scheduler": {"name": "mo_asha"}}, "grace_period=1 must be below epochs=1"),
+    ({"defenses": ["standard"], "epochs": 3, "scheduler": {"name": "mo_asha", "reduction_factor": 1}},
+     "reduction_factor must be ≥ 2"),
+    ({"defenses": ["standard"], "objectives": ["robust_acc"]}, "at least two"),
+    ({"defenses": ["standard"], "objectives": ["robust_acc", "robust_acc"]}, "listed twice"),
+    ({"defenses": ["standard"], "objectives": ["clean_acc", "speed"]}, "objectives.1"),
 ])
 def test_bad_input_exits_2_before_ray(no_ray, tmp_path, capsys, over, needle):
     err = run_bad(capsys, ["--spec", write_spec(tmp_path, **over), "--out", str(tmp_path / "o")])
