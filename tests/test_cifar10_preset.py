@@ -182,6 +182,7 @@ def check_cifar10_run(out: Path, root: Path, defenses: set[str], final_attack: s
     assert (s["optimizer"]["name"], s["optimizer"]["schedule"]) == ("sgd", "cyclic")
 
 
+@pytest.mark.slow  # ~30 s; the CIFAR loader and preact_resnet18 have fast tests of their own
 def test_the_preset_end_to_end_on_a_cifar_format_fixture(tmp_path):
     # one defense, ε = 8/255 only, no masking checks, the final cascade cut to APGD-CE-20: a
     # minute on 2 cores (most of it Ray's start); AutoAttack standard is the slow test below

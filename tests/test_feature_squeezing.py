@@ -125,6 +125,7 @@ def test_bad_fpr_in_a_sweep_spec_stops_before_ray():
     parse({"defenses": ["feature_squeezing"]})
 
 
+@pytest.mark.slow  # the registry-wide trial test runs this defense in the default run
 def test_a_real_trial_calibrates_and_evaluates(tmp_path):
     from orchestrator.spec import parse
     from orchestrator.trial import run_trial

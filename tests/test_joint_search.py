@@ -61,12 +61,12 @@ def test_a_defense_at_its_own_max_concurrent_waits_for_one_of_its_trials(tmp_pat
 
 
 def test_three_defenses_run_trials_at_overlapping_times(ray_session, tmp_path, capsys):
-    raw = {"name": "joint", "epochs": 2, "train_samples": 300, "eval_samples": 50, "batch_size": 50,
+    raw = {"name": "joint", "epochs": 1, "train_samples": 300, "eval_samples": 50, "batch_size": 50,
            "search": "random",
            # eight slots on the test session's two CPUs: every trial fits at once
            "resources": {"cpus_per_trial": 0.25},
-           "threat_model": {"eps": 0.3, "attacks": ["fgsm"], "train_steps": 2, "masking_samples": 0,
-                            "final_eval": "none"},
+           "threat_model": {"eps": 0.3, "eval_eps": [0.3], "attacks": ["fgsm"], "train_steps": 1,
+                            "masking_samples": 0, "final_eval": "none"},
            "defenses": {"standard": {"trials": 2}, "pgd_at": {"trials": 2}, "trades": {"trials": 2}}}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
     out = tmp_path / "run"

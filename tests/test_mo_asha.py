@@ -67,7 +67,8 @@ def test_mo_asha_stops_a_clearly_bad_trial_before_its_last_epoch(ray_session, tm
            "search": "random", "scheduler": {"name": "mo_asha", "grace_period": 1, "reduction_factor": 3},
            # one trial at a time: the good one reaches the rung first, the bad one is judged against it
            "resources": {"max_concurrent": 1},
-           "threat_model": {"eps": 0.05, "attacks": ["fgsm"], "masking_samples": 0, "final_eval": "none"},
+           "threat_model": {"eps": 0.05, "eval_eps": [0.05], "attacks": ["fgsm"], "train_steps": 1,
+                            "masking_samples": 0, "final_eval": "none"},
            "defenses": {"standard": {"trials": 1, "space": {"lr": [0.003]}},
                         # an lr that learns nothing in 3 epochs: chance accuracy on both objectives
                         "pgd_at": {"trials": 1, "space": {"lr": [1e-7], "clean_weight": [0.5]}}}}

@@ -247,6 +247,7 @@ def test_detector_checkpoint_for_another_classifier_is_a_config_error(mnist, bas
 
 # --- the registered defense in a real trial ----------------------------------------------------
 
+@pytest.mark.slow  # the registry-wide trial test runs this defense in the default run
 def test_trial_runs_and_reports_detector_metrics(tmp_path):
     from orchestrator.spec import parse
     from orchestrator.trial import run_trial
