@@ -205,6 +205,10 @@ class SweepSpec(_Strict):
     trials_per_defense: int = Field(2, gt=0)
     objectives: list[Literal["clean_acc", "robust_acc"]] = ["clean_acc", "robust_acc"]
     scheduler: SchedulerSpec = SchedulerSpec()   # early stopping of trials (default: none)
+    # how the sweep's trials are shared among defenses (orchestrator.tune_adapter.DefenseRouter):
+    # fixed, each its own trials; adaptive, each at least half of its own, the rest of the
+    # total to the defenses that add hypervolume to the front
+    allocation: Literal["fixed", "adaptive"] = "fixed"
     # NSGA-II: at or above TPE on every seed of B4 (BENCHMARKS.md), Optuna's own default for
     # multi-objective studies; neither beats random search by much at sweep-sized budgets
     search: Literal["tpe", "nsga2", "random"] = "nsga2"

@@ -12,6 +12,7 @@ it exactly as a one-worker trial does."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import threading
@@ -19,7 +20,9 @@ import uuid
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
+
+import numpy as np
 
 import pyarrow.fs
 import torch
@@ -432,7 +435,8 @@ def make_router(spec: SweepSpec, run_dir: Path) -> "DefenseRouter":
     """The sweep's search algorithm: every defense's searcher behind one ``DefenseRouter``."""
     return DefenseRouter({d: make_searcher(spec, d, run_dir) for d in spec.defenses},
                          {d: spec.trials_for(d) for d in spec.defenses},
-                         {d: spec.resources_for(d).max_concurrent for d in spec.defenses})
+                         {d: spec.resources_for(d).max_concurrent for d in spec.defenses},
+                         adaptive=spec.allocation == "adaptive", objectives=spec.objectives)
 
 
 class DefenseRouter(Searcher):
@@ -447,31 +451,73 @@ class DefenseRouter(Searcher):
     suggested so far, ties in the spec's order. Defenses interleave in proportion to their
     budgets, so a cluster's first slots hold trials of every defense and no defense waits for
     another's slowest trial. A defense at its own ``max_concurrent`` running trials is passed
-    over until one ends (with every open defense there, Tune is told to ask later). Tune saves the router (``save``) with its experiment state and a
-    resumed sweep restores it: suggestion counts, owners and every study's searcher."""
+    over until one ends (with every open defense there, Tune is told to ask later).
+
+    ``allocation: adaptive``: the sweep's total budget stays the sum of the defenses' trials,
+    and every defense first gets its floor, half its own trials (rounded up), picked as
+    above. The rest goes one trial at a time to the defense whose completed trials add the
+    most hypervolume to the front of all completed trials (its exclusive contribution,
+    ``moocore.hypervolume`` from the origin), ties (no results yet, or no contribution) to
+    the smallest share of its own budget, as in ``fixed``. A defense on the front thus gets
+    more trials, one that never reaches it keeps its floor.
+
+    Tune saves the router (``save``) with its experiment state and a resumed sweep restores
+    it: suggestion counts, owners, results and every study's searcher."""
 
     def __init__(self, searchers: dict[str, Searcher], budget: dict[str, int],
-                 max_concurrent: dict[str, int | None] | None = None):
+                 max_concurrent: dict[str, int | None] | None = None, adaptive: bool = False,
+                 objectives: Sequence[str] = ("clean_acc", "robust_acc")):
         super().__init__(metric=None, mode=None)
         self._searchers = dict(searchers)
         self._budget = dict(budget)
         self._cap = dict(max_concurrent or {})
+        self._adaptive, self._objectives = adaptive, list(objectives)
+        self._total = sum(budget.values())
+        self._floor = {d: math.ceil(b / 2) if adaptive else b for d, b in budget.items()}
         self._suggested = {d: 0 for d in searchers}
         self._owner: dict[str, str] = {}
         self._running: set[str] = set()
+        self._points: dict[str, list[tuple[float, ...]]] = {d: [] for d in searchers}
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return not config  # each defense's searcher holds its own space and objectives
 
     def open_defenses(self) -> list[str]:
-        """The defenses with trials of their budget not yet suggested."""
+        """The defenses that may still get a trial: those under their own budget (fixed), or
+        every defense while the sweep's total is not used (adaptive)."""
+        if self._adaptive:
+            return list(self._searchers) if sum(self._suggested.values()) < self._total else []
         return [d for d in self._searchers if self._suggested[d] < self._budget[d]]
 
     def next_defense(self) -> str | None:
         """The defense of the next trial; None while every open defense is at its cap."""
         running = {d: sum(self._owner[t] == d for t in self._running) for d in self._searchers}
         free = [d for d in self.open_defenses() if self._cap.get(d) is None or running[d] < self._cap[d]]
-        return min(free, key=lambda d: self._suggested[d] / self._budget[d], default=None)
+
+        def share(d: str) -> float:
+            return self._suggested[d] / self._budget[d]
+
+        below = [d for d in free if self._suggested[d] < self._floor[d]]
+        if below or not free:
+            return min(below, key=share, default=None)
+        gain = self.contributions()  # adaptive, every floor given
+        return max(free, key=lambda d: (gain[d], -share(d)))
+
+    def contributions(self) -> dict[str, float]:
+        """Per defense, the hypervolume the front of all completed trials loses without its
+        trials (0 for every defense before any result)."""
+        import moocore
+
+        def hv(points: list[tuple[float, ...]]) -> float:
+            if not points:
+                return 0.0
+            return float(moocore.hypervolume(np.array(points), ref=[0.0] * len(self._objectives),
+                                             maximise=True))
+
+        everything = [p for ps in self._points.values() for p in ps]
+        total = hv(everything)
+        return {d: total - hv([p for e, ps in self._points.items() if e != d for p in ps])
+                for d in self._searchers}
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         if not self.open_defenses():
@@ -493,8 +539,14 @@ class DefenseRouter(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self._running.discard(trial_id)
-        if trial_id in self._owner:
-            self._searchers[self._owner[trial_id]].on_trial_complete(trial_id, result, error)
+        if trial_id not in self._owner:
+            return
+        defense = self._owner[trial_id]
+        values = [(result or {}).get(k) for k in self._objectives]
+        if not error and (result or {}).get("status") != RUNNING and \
+                all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            self._points[defense].append(tuple(float(v) for v in values))
+        self._searchers[defense].on_trial_complete(trial_id, result, error)
 
     def owner(self, trial_id: str) -> str | None:
         return self._owner.get(trial_id)

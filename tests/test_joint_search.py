@@ -87,3 +87,31 @@ def test_three_defenses_run_trials_at_overlapping_times(ray_session, tmp_path, c
         assert [t.state for t in ts] == [optuna.trial.TrialState.COMPLETE] * 2, name
         assert {t.user_attrs["trial_id"] for t in ts} == \
             set(trials.trial_id[trials.defense == name.split("-", 1)[1]].astype(str))
+
+
+def test_adaptive_allocation_gives_the_rest_to_the_defense_on_the_front_and_keeps_floors(tmp_path):
+    spec = parse({"name": "adapt", "search": "random", "allocation": "adaptive",
+                  "defenses": {"standard": {"trials": 4}, "pgd_at": {"trials": 4}, "trades": {"trials": 3}}})
+    router = make_router(spec, tmp_path)
+    first = [router.suggest(f"f{i}")["defense"] for i in range(6)]  # the floors: 2, 2 and 2
+    assert sorted(first) == ["pgd_at"] * 2 + ["standard"] * 2 + ["trades"] * 2
+    # pgd_at's trials make the front; trades is dominated; standard adds a corner of its own
+    results = {"pgd_at": {"clean_acc": 0.9, "robust_acc": 0.5}, "trades": {"clean_acc": 0.5, "robust_acc": 0.3},
+               "standard": {"clean_acc": 0.95, "robust_acc": 0.05}}
+    for i, d in enumerate(first):
+        router.on_trial_complete(f"f{i}", {**results[d], "status": "completed"})
+    gain = router.contributions()
+    assert gain["pgd_at"] > gain["standard"] > 0 == gain["trades"]
+    rest = [router.suggest(f"r{i}")["defense"] for i in range(5)]  # 11 in all, 6 given
+    assert rest == ["pgd_at"] * 5  # the largest contribution, while results stay as they are
+    assert router.suggest("r5") == DefenseRouter.FINISHED
+    assert [t.state for t in studies(tmp_path)["adapt-trades"]].count(optuna.trial.TrialState.COMPLETE) == 2
+
+
+def test_adaptive_allocation_without_results_is_the_fixed_order(tmp_path):
+    raw = {"name": "same", "search": "random", "defenses": {"standard": {"trials": 3}, "pgd_at": {"trials": 3}}}
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    fixed = make_router(parse(raw), tmp_path / "a")
+    adaptive = make_router(parse({**raw, "allocation": "adaptive"}), tmp_path / "b")
+    assert [fixed.suggest(f"t{i}")["defense"] for i in range(6)] == \
+        [adaptive.suggest(f"t{i}")["defense"] for i in range(6)]

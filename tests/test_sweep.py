@@ -121,6 +121,7 @@ def test_nan_trial_is_failed_and_the_sweep_goes_on(ray_session, tmp_path):
     ({"defenses": ["standard"], "objectives": ["robust_acc"]}, "at least two"),
     ({"defenses": ["standard"], "objectives": ["robust_acc", "robust_acc"]}, "listed twice"),
     ({"defenses": ["standard"], "objectives": ["clean_acc", "speed"]}, "objectives.1"),
+    ({"defenses": ["standard"], "allocation": "greedy"}, "'fixed' or 'adaptive'"),
 ])
 def test_bad_input_exits_2_before_ray(no_ray, tmp_path, capsys, over, needle):
     err = run_bad(capsys, ["--spec", write_spec(tmp_path, **over), "--out", str(tmp_path / "o")])
