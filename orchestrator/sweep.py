@@ -220,8 +220,8 @@ def _check_fits(r, cpus: float, gpus: float, where: str, node_cpus: float | None
 
 
 def concurrent_trials(spec: SweepSpec, cpus: float, gpus: float) -> int:
-    """How many trials may run at once: as many as the cluster fits of the smallest trial
-    (Tune still places each by its own resources), capped by ``resources.max_concurrent``.
+    """How many trials may run at once: as many as the cluster fits of the defense with the
+    smallest trials (Tune still places each by its own resources), capped by ``resources.max_concurrent``.
     Tune needs the number: with a search algorithm of its own kind it starts one trial at a
     time unless ``max_concurrent_trials`` is set (``_get_max_pending_trials``, Ray 2.60), so
     a 64-slot cluster would fill one trial launch after another. A data-parallel trial's
@@ -329,7 +329,8 @@ def local_gpus() -> int:
 def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, address: str | None,
               storage: str | None = None, tracker=None) -> int:
     """The sweep on Ray: one Tune run for every defense's trials (``DefenseRouter`` gives each
-    defense its own Optuna study), the exports, the final evaluation, the exports again. ``tracker``: an ``orchestrator.tracking.MlflowTracker`` or None."""
+    defense its own Optuna study), the exports, the final evaluation, the exports again.
+    ``tracker``: an ``orchestrator.tracking.MlflowTracker`` or None."""
     import ray
     from ray import tune
     from rich.console import Console

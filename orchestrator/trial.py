@@ -115,16 +115,17 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
                 return done
 
         validation: dict[str, float] = {}  # the last epoch's validation objectives
-        validation_seconds = [0.0]         # their cost, counted in eval_seconds
+        validation_seconds = 0.0           # their cost, counted in eval_seconds
 
         def on_epoch(epoch: int, metrics: dict[str, float], seconds: float) -> None:
+            nonlocal validation_seconds
             record.epochs = epoch
             if chief and spec.scheduler.name != "none":  # what the early-stopping rungs rank
                 t0 = time.perf_counter()
                 with parallel.local_only():
                     validation.update(validation_objectives(s))
-                validation_seconds[0] += time.perf_counter() - t0
-                metrics = {**metrics, **validation, "val_seconds": validation_seconds[0]}
+                validation_seconds += time.perf_counter() - t0
+                metrics = {**metrics, **validation, "val_seconds": validation_seconds}
             with tempfile.TemporaryDirectory() as tmp:
                 if chief:
                     save_checkpoint(Path(tmp), s, epoch, seconds_before + seconds,
@@ -144,7 +145,7 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
             with parallel.local_only():
                 report = _evaluate(s)
             record.set_evaluation(report, validation)
-            record.eval_seconds += validation_seconds[0]
+            record.eval_seconds += validation_seconds
             broken = report.broken()
         record.finished_at = iso_utc()
         with tempfile.TemporaryDirectory() as tmp:

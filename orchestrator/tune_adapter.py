@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-
 import pyarrow.fs
 import torch
 from ray import tune
@@ -295,6 +294,13 @@ class RecordWriter(tune.Callback):
         self.run_dir, self.spec, self.run_id = Path(run_dir), spec, run_id
         self._final: dict[str, TrialRecord] = {}
 
+    def _record_of(self, trial, status: str, error: str, **fields: Any) -> TrialRecord:
+        """A record for a trial that ended without reporting its own (failed or stopped)."""
+        return TrialRecord(
+            trial_id=trial.trial_id, defense=trial.config.get("defense", ""), dataset=self.spec.dataset,
+            model=self.spec.model, seed=self.spec.seed, hp=dict(trial.config.get("hp", {})),
+            status=status, error=error, run_id=self.run_id, finished_at=iso_utc(), **fields)
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "record" in result:
             record = TrialRecord.from_dict(result["record"])
@@ -314,13 +320,10 @@ class RecordWriter(tune.Callback):
         last = trial.last_result or {}
         if trial.trial_id in self._final or last.get("status") != RUNNING:
             return
-        record = TrialRecord(
-            trial_id=trial.trial_id, defense=trial.config.get("defense", ""), dataset=self.spec.dataset,
-            model=self.spec.model, seed=self.spec.seed, hp=dict(trial.config.get("hp", {})),
-            status=STOPPED, epochs=int(last.get("epoch", 0)), run_id=self.run_id,
-            train_seconds=float(last.get("train_seconds", 0.0)), eval_seconds=float(last.get("val_seconds", 0.0)),
-            started_at=str(last.get("started_at", "")),
-            finished_at=iso_utc(), error=f"stopped early by the scheduler after epoch {last.get('epoch')}",
+        record = self._record_of(
+            trial, STOPPED, f"stopped early by the scheduler after epoch {last.get('epoch')}",
+            epochs=int(last.get("epoch", 0)), train_seconds=float(last.get("train_seconds", 0.0)),
+            eval_seconds=float(last.get("val_seconds", 0.0)), started_at=str(last.get("started_at", "")),
             metrics={k: float(v) for k, v in last.items() if k.startswith("val.")})
         if trial.checkpoint is not None:
             record.checkpoint = checkpoint_uri(trial.checkpoint)
@@ -331,10 +334,7 @@ class RecordWriter(tune.Callback):
         record = self._final.get(trial.trial_id)
         if record is None or record.status != FAILED:
             from orchestrator.dashboard import error_reason
-            record = TrialRecord(
-                trial_id=trial.trial_id, defense=trial.config.get("defense", ""), dataset=self.spec.dataset,
-                model=self.spec.model, seed=self.spec.seed, hp=dict(trial.config.get("hp", {})),
-                status=FAILED, error=error_reason(trial), run_id=self.run_id, finished_at=iso_utc())
+            record = self._record_of(trial, FAILED, error_reason(trial))
             self._final[trial.trial_id] = record
         # how many times it ran and failed: 1 + the retries FailureConfig allowed
         record.metrics = {**record.metrics, "failures": float(trial.num_failures)}
@@ -457,7 +457,7 @@ class DefenseRouter(Searcher):
     and every defense first gets its floor, half its own trials (rounded up), picked as
     above. The rest goes one trial at a time to the defense whose completed trials add the
     most hypervolume to the front of all completed trials (its exclusive contribution,
-    ``moocore.hypervolume`` from the origin), ties (no results yet, or no contribution) to
+    ``orchestrator.aggregate.points_hypervolume`` from the origin), ties (no results yet, or no contribution) to
     the smallest share of its own budget, as in ``fixed``. A defense on the front thus gets
     more trials, one that never reaches it keeps its floor.
 
@@ -506,16 +506,12 @@ class DefenseRouter(Searcher):
     def contributions(self) -> dict[str, float]:
         """Per defense, the hypervolume the front of all completed trials loses without its
         trials (0 for every defense before any result)."""
-        import moocore
+        from orchestrator.aggregate import points_hypervolume
 
         def hv(points: list[tuple[float, ...]]) -> float:
-            if not points:
-                return 0.0
-            return float(moocore.hypervolume(np.array(points), ref=[0.0] * len(self._objectives),
-                                             maximise=True))
+            return points_hypervolume(np.array(points, float).reshape(-1, len(self._objectives)))
 
-        everything = [p for ps in self._points.values() for p in ps]
-        total = hv(everything)
+        total = hv([p for ps in self._points.values() for p in ps])
         return {d: total - hv([p for e, ps in self._points.items() if e != d for p in ps])
                 for d in self._searchers}
 

@@ -309,7 +309,13 @@ def hypervolume(df: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES
     chosen as in :func:`pareto_front` (completed, no NaN); a point not strictly better than
     the reference in every objective bounds no volume and is ignored. Exact: a sort sweep in
     2-D, recursive slicing along the last objective otherwise (fine for fronts of hundreds)."""
-    points = _objective_matrix(df.loc[_candidate_mask(df, objectives, False)], objectives)
+    return points_hypervolume(_objective_matrix(df.loc[_candidate_mask(df, objectives, False)],
+                                                objectives), reference)
+
+
+def points_hypervolume(points: np.ndarray, reference: Sequence[float] | None = None) -> float:
+    """``hypervolume`` of an (n, m) array of objective values (rows, all maximized)."""
+    points = np.asarray(points, float)
     ref = np.zeros(points.shape[1]) if reference is None else np.asarray(reference, float)
     if ref.shape != (points.shape[1],):
         raise ValueError(f"reference has {ref.size} values for {points.shape[1]} objectives")
