@@ -50,15 +50,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from defenses.core import cache
+from defenses.core.data import shard_bounds
+from defenses.evaluation.benchmark import Shard
 
 log = logging.getLogger(__name__)
-
-
-def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
-    """[lo, hi) of rank's contiguous share of n items; shares differ by at most one item."""
-    base, extra = divmod(n, world)
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (1 if rank < extra else 0)
 
 
 # ------------------------------------------------------------------------------ BatchNorm
@@ -337,9 +332,22 @@ class TorchDistributed:
         reduced.update({k: (packed[2 + i] / packed[0]).item() for i, k in enumerate(keys)})
         return reduced, bool(stop_t.item() > 0)
 
+    def eval_shard(self) -> Shard:
+        """This rank's share of the trial's evaluation: each rank attacks its share of the test
+        points at every ε, rank 0 gathers the outcomes (one ``all_gather_object`` per ε) and
+        runs the gradient-masking checks alone. Used inside ``local_only``: the gathers are the
+        only collectives."""
+        return Shard(self.rank, self.world_size, self.gather)
+
+    def gather(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     @contextlib.contextmanager
     def local_only(self):
-        """Inside, this rank runs alone (rank 0's evaluation): no collective may be entered."""
+        """Inside, this rank's forwards run alone (BatchNorm statistics are not synchronized):
+        an evaluation or validation pass whose shares differ in size between ranks."""
         if self.model is not None:
             set_batchnorm_sync(self.model, False)
         try:

@@ -26,6 +26,7 @@ from defenses.core import data as data_lib
 from defenses.core import models as model_lib
 from defenses.core import registry
 from defenses.core.base import BaseModelRequest, Defense, cudnn_mode
+from defenses.evaluation.benchmark import Shard
 from orchestrator.records import TrialRecord
 from orchestrator.spec import SweepSpec, split_hp
 
@@ -53,6 +54,8 @@ class Parallel(Protocol):
     def end_epoch(self, metrics: dict[str, float], stop: bool) -> tuple[dict[str, float], bool]: ...
 
     def local_only(self) -> contextlib.AbstractContextManager: ...
+
+    def eval_shard(self) -> Shard: ...
 
 
 class SingleProcess:
@@ -82,6 +85,9 @@ class SingleProcess:
 
     def local_only(self):
         return contextlib.nullcontext()
+
+    def eval_shard(self):
+        return Shard()
 
 
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:

@@ -23,6 +23,7 @@ import torch
 
 from defenses.core import data as data_lib
 from defenses.core.base import TrainingDiverged
+from defenses.evaluation.benchmark import Shard
 from orchestrator.records import COMPLETED, FAILED, TrialRecord, iso_utc
 from orchestrator.spec import SweepSpec
 from orchestrator.training import (CHECKPOINT_FILE, Parallel, SingleProcess, TrialSetup,
@@ -141,9 +142,9 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
         record.flags = s.defense.flags()
         record.status = COMPLETED
         broken = None
+        with parallel.local_only():  # every rank attacks its share of the test points
+            report = _evaluate(s, parallel.eval_shard())
         if chief:
-            with parallel.local_only():
-                report = _evaluate(s)
             record.set_evaluation(report, validation)
             record.eval_seconds += validation_seconds
             broken = report.broken()
@@ -176,8 +177,9 @@ def new_record(config: dict[str, Any], spec: SweepSpec, trial_id: str) -> TrialR
                        run_id=config.get("run_id", ""))
 
 
-def _evaluate(s: TrialSetup):
-    """``defenses.evaluation.benchmark.evaluate``: every ε of the curve, then the gradient-masking checks."""
+def _evaluate(s: TrialSetup, shard: Shard = Shard()):
+    """``defenses.evaluation.benchmark.evaluate``: every ε of the curve, then the
+    gradient-masking checks; ``shard``: this rank's part (the report is rank 0's)."""
     from defenses.evaluation.benchmark import EvalSpec, evaluate
 
     n = s.spec.eval_samples or len(s.data.test_y)
@@ -187,7 +189,7 @@ def _evaluate(s: TrialSetup):
     spec = EvalSpec.for_dataset(s.spec.dataset, t.eps, t.eval_eps, t.masking_samples,
                                 attacks=tuple(t.attacks), curve_samples=t.curve_samples,
                                 batch_size=max(s.spec.batch_size, 256), seed=s.spec.seed)
-    return evaluate(s.defense, (x, y), spec, fpr_images=all_test_images(s))
+    return evaluate(s.defense, (x, y), spec, fpr_images=all_test_images(s), shard=shard)
 
 
 VALIDATION_ATTACK = "apgd_ce-10"  # cheap and step-size free, as the search cascade's APGD

@@ -419,3 +419,69 @@ def test_a_detector_threshold_on_ranks_is_the_one_process_threshold(tmp_path):
         # float32 kernels with another thread count differ in the last bits (seen: 4e-6);
         # calibrating on a rank's 1/N of the images would move the quantile itself
         assert got == pytest.approx(s.defense.threshold, rel=1e-4), (rank, got, s.defense.threshold)
+
+
+# ------------------------------------------------------------------ sharded evaluation
+EVAL_N, EVAL_CURVE = 61, 31  # shards of 31/30 at ε = 0.3 and 16/15 on the curve's points
+
+
+def _eval_setup(weights: Path):
+    """A trained small_cnn in float64 (no last-bit prediction flips between batch sizes)
+    behind the standard defense, the evaluation spec, and its test points."""
+    from defenses.evaluation.benchmark import EvalSpec
+    from defenses.evaluation.masking import MaskingConfig
+
+    model = Float64(models.build("small_cnn", 10, 1))
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    cls = registry.get("standard")
+    d = cls(model, cls.make_params({}), ThreatModel(eps=0.3))
+    spec = EvalSpec(eps=(0.3, 0.1), attacks=("fgsm", "pgd-5"), adaptive=False,
+                    curve_samples=EVAL_CURVE, masking=MaskingConfig(samples=12, large_eps=0.5),
+                    batch_size=256)
+    ds = mnist()
+    return d, spec, (data_lib.as_float(ds.test_x[:EVAL_N]), ds.test_y[:EVAL_N])
+
+
+def _eval_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    from defenses.evaluation.benchmark import evaluate
+
+    patch_randomness(setattr)  # random starts as a function of the example, not of the shard
+    d, spec, data = _eval_setup(Path(out) / "weights.pt")
+    with gloo(rank, world, init_file, 60):
+        parallel = TorchDistributed(torch.device("cpu"))
+        report = evaluate(d, data, spec, shard=parallel.eval_shard())
+    assert (report is None) == (rank != 0)
+    if report is not None:
+        torch.save({eps: (r.robust_mask, r.acc, r.broken_by, r.clean_acc, r.n)
+                    for eps, r in report.results.items()}, Path(out) / "sharded.pt")
+
+
+def test_an_evaluation_sharded_over_ranks_is_the_one_process_evaluation(tmp_path, monkeypatch):
+    """Each of 2 ranks attacks its share of the test points; rank 0's merged report (masks,
+    per-attack accuracies and counts at every ε of the curve) is one process's."""
+    from defenses.evaluation.benchmark import evaluate
+
+    torch.manual_seed(0)
+    model = models.build("small_cnn", 10, 1)
+    ds = mnist()
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    for x, y in data_lib.batches(ds.train_x[:600], ds.train_y[:600], 50, shuffle=False):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    torch.save(Float64(model).state_dict(), tmp_path / "weights.pt")
+    mp.start_processes(_eval_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    patch_randomness(monkeypatch.setattr)
+    d, spec, data = _eval_setup(tmp_path / "weights.pt")
+    alone = evaluate(d, data, spec).results
+    sharded = torch.load(tmp_path / "sharded.pt", weights_only=False)
+    assert list(sharded) == list(alone)
+    for eps, (mask, acc, broken_by, clean, n) in sharded.items():
+        ref = alone[eps]
+        assert n == ref.n == (EVAL_N if eps == 0.3 else EVAL_CURVE)
+        assert torch.equal(mask, ref.robust_mask), eps
+        assert broken_by == ref.broken_by and clean == pytest.approx(ref.clean_acc)
+        assert acc == pytest.approx(ref.acc), eps
+    # not a vacuous comparison: the attacks broke points and some survived
+    assert 0 < alone[0.3].robust_mask.sum() < alone[0.3].n and sum(alone[0.3].broken_by.values()) > 0

@@ -111,6 +111,14 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool,
         yield as_float(x[idx], device), y[idx].to(device) if device is not None else y[idx]
 
 
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[lo, hi) of rank's contiguous share of n items; shares differ by at most one item, and
+    lower ranks take the larger ones (how data-parallel trials deal batches and test points)."""
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
 def shard_position(n: int, device: torch.device | None = None) -> tuple[int, int]:
     """(offset, total) of this process's ``n`` examples in the global batch: (0, n) alone; in
     a data-parallel trial (torch.distributed initialized) the ranks hold contiguous shares in

@@ -60,7 +60,8 @@ from defenses import attacks as attack_lib
 from defenses.evaluation import masking as masking_lib
 from defenses.attacks import Attack, check_images, frozen_eval
 from defenses.core.base import Defense, cudnn_mode, predict_labels
-from defenses.evaluation.results import EvalResult
+from defenses.core.data import shard_bounds
+from defenses.evaluation.results import EvalResult, merge_results
 
 log = logging.getLogger(__name__)
 
@@ -375,32 +376,62 @@ class Report:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """This process's part of an evaluation split over the ``world`` ranks of a data-parallel
+    trial: at each ε it attacks its contiguous share of the points (``shard_bounds``), and
+    ``gather(obj)`` returns every rank's ``obj`` in rank order (``all_gather_object``). The
+    attacks' random starts are seeded ``seed + rank``. Rank 0 then holds every point's outcome
+    and runs the gradient-masking checks and the defense's metrics alone."""
+
+    rank: int = 0
+    world: int = 1
+    gather: Callable[[Any], list[Any]] = lambda obj: [obj]
+
+
 def evaluate(defense: Defense, data: tuple[torch.Tensor, torch.Tensor], spec: EvalSpec,
              known: dict[float, torch.Tensor] | None = None,
-             fpr_images: torch.Tensor | None = None) -> Report:
+             fpr_images: torch.Tensor | None = None, shard: Shard = Shard()) -> Report | None:
     """Every ε of ``spec`` (same seed for each, so curves compare like with like), then the
     gradient-masking checks of ``defenses.evaluation.masking`` on their bounded subset. ``known``: per ε,
     the points an earlier evaluation of the same model broke (``Report.broken()`` of it; see
     ``benchmark``): the sweep's final evaluation starts from what the search already found.
     ``fpr_images``: clean test images a detector's realized FPR is measured on (default: the
-    evaluated points); it costs one clean pass, so a trial passes its whole test split."""
+    evaluated points); it costs one clean pass, so a trial passes its whole test split.
+    ``shard``: this rank's part of a data-parallel evaluation; every rank must call it, and
+    only rank 0 gets the ``Report`` (the others: None)."""
     with cudnn_mode(benchmark=False, deterministic=True):
-        return _evaluate(defense, data, spec, known, fpr_images)
+        start = time.perf_counter()
+        results = _cascades(defense, data, spec, known or {}, shard)
+        if shard.rank != 0:
+            return None
+        return _checks(defense, data, spec, results, fpr_images, start)
 
 
-def _evaluate(defense: Defense, data: tuple[torch.Tensor, torch.Tensor], spec: EvalSpec,
-              known: dict[float, torch.Tensor] | None, fpr_images: torch.Tensor | None) -> Report:
+def _cascades(defense: Defense, data: tuple[torch.Tensor, torch.Tensor], spec: EvalSpec,
+              known: dict[float, torch.Tensor], shard: Shard) -> dict[float, EvalResult]:
+    """``benchmark`` at every ε, on this shard's points; the shards' results merged."""
     x, y = data
-    known = known or {}
-    start = time.perf_counter()
     results: dict[float, EvalResult] = {}
     for i, eps in enumerate(spec.eps):
         n = len(y) if i == 0 or spec.curve_samples is None else min(spec.curve_samples, len(y))
-        torch.manual_seed(spec.seed)  # the attacks' random starts
-        results[eps] = benchmark(defense, x[:n], y[:n], eps, spec.attacks, spec.batch_size,
-                                 spec.adaptive, norm=spec.norm, known=_at(known, eps))
+        lo, hi = shard_bounds(n, shard.rank, shard.world)
+        earlier = _at(known, eps)
+        torch.manual_seed(spec.seed + shard.rank)  # the attacks' random starts
+        part = benchmark(defense, x[lo:hi], y[lo:hi], eps, spec.attacks, spec.batch_size,
+                         spec.adaptive, norm=spec.norm,
+                         known=None if earlier is None else earlier[lo:hi])
+        results[eps] = part if shard.world == 1 else merge_results(shard.gather(part))
         log.info("ε=%s: clean %.4f robust %.4f (%s)", eps_label(eps), results[eps].clean_acc,
                  results[eps].robust_acc, results[eps].robust_attack)
+    return results
+
+
+def _checks(defense: Defense, data: tuple[torch.Tensor, torch.Tensor], spec: EvalSpec,
+            results: dict[float, EvalResult], fpr_images: torch.Tensor | None,
+            start: float) -> Report:
+    """The gradient-masking checks, monotonicity in ε and the defense's own metrics."""
+    x, y = data
     flags: dict[str, bool] = {}
     evidence: dict[str, float] = {}
     if spec.masking is not None:
@@ -477,7 +508,7 @@ def monotone_in_eps(results: dict[float, EvalResult]) -> None:
             count_broken(big, {SMALLER_EPS: lost.nonzero().squeeze(1)})
 
 
-__all__ = ["EvalResult", "EvalSpec", "Report", "benchmark", "evaluate", "build_attacks",
+__all__ = ["EvalResult", "EvalSpec", "Report", "Shard", "benchmark", "evaluate", "build_attacks",
            "make_attack", "parse_attack", "check_attacks", "check_eps", "eps_label", "parse_eps",
            "default_eval_eps", "large_eps", "predict_labels", "EvalConfigError", "PRESETS",
            "count_broken", "monotone_in_eps", "EARLIER",

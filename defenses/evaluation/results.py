@@ -21,3 +21,24 @@ class EvalResult:
     seconds: float
     eps: float = math.nan
     robust_mask: torch.Tensor | None = None  # bool per input: survived every attack (CPU)
+
+
+def merge_results(parts: list[EvalResult]) -> EvalResult:
+    """One ε's result over disjoint, consecutive shares of the points (rank order), as if one
+    process had run the cascade on all of them: counts add, accuracies are the shares' means
+    weighted by their sizes, masks concatenate. Every part ran the same cascade."""
+    n = sum(p.n for p in parts)
+
+    def mean(values: list[float]) -> float:
+        return sum(v * p.n for v, p in zip(values, parts)) / max(n, 1)
+
+    first = parts[0]
+    return EvalResult(
+        clean_acc=mean([p.clean_acc for p in parts]),
+        robust_acc=mean([p.robust_acc for p in parts]),
+        robust_attack=first.robust_attack,
+        acc={k: mean([p.acc.get(k, p.robust_acc) for p in parts]) for k in first.acc},
+        broken_by={k: sum(p.broken_by.get(k, 0) for p in parts) for k in first.broken_by},
+        clean_rejected=mean([p.clean_rejected for p in parts]),
+        n=n, seconds=max(p.seconds for p in parts), eps=first.eps,
+        robust_mask=torch.cat([p.robust_mask for p in parts]) if first.robust_mask is not None else None)
