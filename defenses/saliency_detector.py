@@ -257,7 +257,11 @@ class SaliencyDetector(GuardDetector):
         # the threshold's clean images: the validation split, which neither the classifier nor
         # this detector trains on; the detector trains on every training image
         self.calib_x = self.validation_images(data)[0]
-        self.train_x, self.train_y = as_float(data.train_x, device), data.train_y.to(device)
+        # the training images, their adversarials and the detector's inputs stay in host
+        # memory, batches go to the GPU: on CIFAR they are GBs in float32, more than a trial
+        # holding a quarter of a GPU may take (resources.gpus_per_trial: 0.25)
+        self.device = device
+        self.train_x, self.train_y = as_float(data.train_x), data.train_y
         self.image_shape = tuple(self.train_x.shape[1:])
         self.cache_dir = Path(base_checkpoint).parent
         c, h, w = self.image_shape
@@ -276,9 +280,9 @@ class SaliencyDetector(GuardDetector):
     def _fit_masker(self) -> None:
         """Load the masking model trained for this classifier and these loss weights, or train
         and cache it next to the base checkpoint (trials guarding the same classifier reuse it)."""
-        p, device = self.params, self.train_x.device
+        p, device = self.params, self.device
         n = min(MASK_TRAIN_MAX, len(self.train_y))
-        x, y = self.train_x[:n], self.train_y[:n]
+        x, y = self.train_x[:n].to(device), self.train_y[:n].to(device)
         key = cache.key_digest(classifier=self.classifier_id, data=cache.tensor_digest(x), weights=dataclasses.asdict(p.loss_weights),
                    epochs=p.mask_epochs, lr=5e-3, batch=50, width=32)
 
@@ -335,26 +339,26 @@ class SaliencyDetector(GuardDetector):
     def _attack_training_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Adversarial versions of the training images (cached next to the base checkpoint
         per classifier, attack and ε) and which of them count as adversarial."""
-        p, device = self.params, self.train_x.device
+        p, device = self.params, self.device
         key = cache.key_digest(classifier=self.classifier_id, data=cache.tensor_digest(self.train_x), attack=p.train_attack,
                    steps=p.steps, eps=self.threat.eps)
 
         def build() -> dict[str, Any]:
             torch.manual_seed(0)
             attack = detection_attack(p.train_attack, self.model, self.threat.eps, p.steps)
-            return {"adv": craft(attack, self.train_x, self.train_y)}
+            return {"adv": craft(attack, self.train_x, self.train_y, device=device)}
 
-        adv = cache.cached_state(self.cache_dir / f"saliency_adv-{key}.pt", build, device)["adv"]
+        adv = cache.cached_state(self.cache_dir / f"saliency_adv-{key}.pt", build, torch.device("cpu"))["adv"]
         with torch.no_grad():
-            correct = batched(self.model, self.train_x).argmax(1) == self.train_y
-            fooled = correct & (batched(self.model, adv).argmax(1) != self.train_y)
+            correct = batched(self.model, self.train_x, device=device).argmax(1) == self.train_y
+            fooled = correct & (batched(self.model, adv, device=device).argmax(1) != self.train_y)
         return adv, fooled
 
     def _build_train_set(self) -> None:
         adv, fooled = self._attack_training_set()
         with frozen_eval(self.model), torch.no_grad():
-            clean_in = batched(self.inputs, self.train_x)
-            adv_in = batched(self.inputs, adv[fooled])
+            clean_in = batched(self.inputs, self.train_x, device=self.device)
+            adv_in = batched(self.inputs, adv[fooled], device=self.device)
         self.net.fit_scaling(clean_in)
         labels = torch.cat([torch.zeros(len(clean_in)), torch.ones(len(adv_in))]).to(clean_in.device)
         self._train_set = (torch.cat([clean_in, adv_in]), labels)
@@ -369,12 +373,11 @@ class SaliencyDetector(GuardDetector):
             self.calibrate()
         g = torch.Generator().manual_seed(1000 + epoch)
         idx = torch.randperm(len(self.train_y), generator=g)[:self.params.adv_train_samples]
-        idx = idx.to(self.train_x.device)
-        x, y = self.train_x[idx], self.train_y[idx]
+        x, y = self.train_x[idx].to(self.device), self.train_y[idx].to(self.device)
         adv = craft(self.whitebox_attack(self.threat.eps), x, y, self.batch_size)
         with frozen_eval(self.model), torch.no_grad():
             fooled = batched(self.model, adv).argmax(1) != y
-            return batched(self.inputs, adv[fooled])
+            return batched(self.inputs, adv[fooled]).to(self.train_x.device)
 
     def train_epoch(self, batches: Iterable, optimizer, epoch, scheduler=None):
         """One epoch of the detector on its fixed training set [X, X_adv] (§3.7; the trial's

@@ -295,8 +295,8 @@ class TorchDistributed:
         offset = len(params)
         for p, has in zip(params, present):
             size = p.numel()
-            if has:
-                p.grad = flat[offset:offset + size].view_as(p).clone()
+            if has:  # in the parameter's own memory format (channels-last weights stay fast)
+                p.grad = torch.empty_like(p).copy_(flat[offset:offset + size].view_as(p))
             offset += size
 
     def sync_buffers(self) -> None:

@@ -44,7 +44,8 @@ from orchestrator.outdir import overwrite_problem
 from orchestrator.records import TrialRecord, load_records, save_record, write_json_atomic
 from orchestrator.spec import SpecError, SweepSpec, parse
 from orchestrator.training import (CHECKPOINT_FILE, NoGPU, TrialSetup, all_test_images, build_setup,
-                                   choose_device, load_checkpoint, saved_broken)
+                                   choose_device, hold_gpu_share, load_checkpoint, release_gpu_memory,
+                                   saved_broken)
 
 log = logging.getLogger("orchestrator.evaluate")
 SPEC_FILE = "spec.json"
@@ -236,14 +237,20 @@ def reevaluate(record: dict[str, Any], spec: dict[str, Any], run_dir: str,
     r = sweep.resources_for(rec.defense)
     torch.set_num_threads(max(1, int(r.cpus_per_trial)))
     try:
-        s = restore(local_checkpoint(rec.checkpoint), sweep, Path(run_dir), choose_device(r.gpus_per_trial))
+        device = choose_device(r.gpus_per_trial)
+        hold_gpu_share(device, r.gpus_per_trial)
+        s = restore(local_checkpoint(rec.checkpoint), sweep, Path(run_dir), device)
     except (EvaluateError, NoGPU) as e:
         log.error("trial %s not re-evaluated: %s", rec.trial_id, e)
         rec.error = f"final evaluation: {e}"
         return rec.to_dict()
-    known = saved_broken(checkpoint_file(local_checkpoint(rec.checkpoint)))
-    report = eval_lib.evaluate(s.defense, eval_data(s, sweep.final_samples or len(s.data.test_y)),
-                               eval_spec(s, attacks), known, fpr_images=all_test_images(s))
+    try:
+        known = saved_broken(checkpoint_file(local_checkpoint(rec.checkpoint)))
+        report = eval_lib.evaluate(s.defense, eval_data(s, sweep.final_samples or len(s.data.test_y)),
+                                   eval_spec(s, attacks), known, fpr_images=all_test_images(s))
+    finally:
+        del s
+        release_gpu_memory()
     apply_report(rec, report, report.primary.robust_attack)
     return rec.to_dict()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -128,6 +129,23 @@ def choose_device(gpus: float) -> torch.device:
                     f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
                     "install a CUDA build of torch on the GPU nodes, or set gpus_per_trial: 0")
     return torch.device("cuda")
+
+
+def hold_gpu_share(device: torch.device, gpus: float) -> None:
+    """A trial granted a fraction of a GPU (``gpus_per_trial: 0.25``) may allocate that
+    fraction of its memory and no more: Ray's GPU fraction is only a scheduling label, and
+    without a cap one trial's caching allocator grows into its neighbours' share until one
+    of them runs out of memory. Over the cap, this trial gets the out-of-memory error."""
+    if device.type == "cuda" and 0 < gpus < 1:
+        torch.cuda.set_per_process_memory_fraction(gpus, device)
+
+
+def release_gpu_memory() -> None:
+    """After a trial: give the cached blocks back to the GPU, so that the next trial Ray runs
+    in this reused actor (``reuse_actors``), or a neighbour on the same GPU, can take them."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def build_setup(spec: SweepSpec, defense_name: str, hp: dict[str, Any], device: torch.device,
@@ -268,7 +286,10 @@ def spec_digest(spec: SweepSpec) -> str:
 
 def load_checkpoint(folder: Path, s: TrialSetup) -> tuple[int, float, str]:
     """Restore ``s`` from ``folder``; (epochs done, training seconds, ``started_at``)."""
-    state = torch.load(folder / CHECKPOINT_FILE, map_location=s.device, weights_only=True)
+    # loaded on the CPU: load_state_dict copies weights onto the model's device and the
+    # optimizer's state onto its parameters', but keeps Adam's ``step`` counters on the CPU,
+    # where the optimizer reads them without waiting for the GPU (map_location=cuda moved them)
+    state = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     s.defense.model.load_state_dict(state["model"])
     s.optimizer.load_state_dict(state["optimizer"])
     if s.scheduler is not None and state["scheduler"] is not None:

@@ -27,6 +27,7 @@ from defenses.evaluation.benchmark import Shard
 from orchestrator.records import COMPLETED, FAILED, TrialRecord, iso_utc
 from orchestrator.spec import SweepSpec
 from orchestrator.training import (CHECKPOINT_FILE, Parallel, SingleProcess, TrialSetup,
+                                   hold_gpu_share, release_gpu_memory,
                                    all_test_images, build_setup, load_checkpoint, save_checkpoint,
                                    spec_digest, train)
 
@@ -83,7 +84,8 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
     ``config``: ``defense`` (registered name), ``hp`` (hyperparameters), ``spec`` (a SweepSpec or
     its dict), optional ``run_dir`` (where base models are cached) and ``trial_id``.
     ``parallel``: one rank of a data-parallel group (every rank calls ``run_trial``; rank 0
-    checkpoints and evaluates, the record other ranks return holds training fields only)."""
+    checkpoints; every rank attacks its share of the test points, and the record other
+    ranks return holds training fields only)."""
     spec = config["spec"] if isinstance(config["spec"], SweepSpec) else SweepSpec.model_validate(config["spec"])
     parallel = parallel or SingleProcess()
     defense_name, hp = config["defense"], dict(config.get("hp", {}))
@@ -99,8 +101,9 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
     try:
         r = spec.resources_for(defense_name)  # this defense's share (resources.gpu_shares)
         torch.set_num_threads(max(1, int(r.cpus_per_trial)))
-        s = build_setup(spec, defense_name, hp, parallel.device(r.gpus_per_trial), run_dir,
-                        parallel=parallel)
+        device = parallel.device(r.gpus_per_trial)
+        hold_gpu_share(device, r.gpus_per_trial)
+        s = build_setup(spec, defense_name, hp, device, run_dir, parallel=parallel)
         s.optimizer = parallel.wrap_optimizer(s.optimizer)
         start_epoch, seconds_before = 0, 0.0
         restored = reporter.restore()
@@ -169,6 +172,8 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
         if parallel.world_size == 1:
             reporter.report(final_metrics(record, spec.epochs), None)
         raise
+    finally:
+        release_gpu_memory()
 
 
 def new_record(config: dict[str, Any], spec: SweepSpec, trial_id: str) -> TrialRecord:

@@ -127,8 +127,12 @@ def threat_attack(name: str, model: nn.Module, eps: float, steps: int = 0) -> At
     raise ValueError(f"no threat-model version of attack {name!r}; valid: {', '.join(TRAIN_ATTACKS)}")
 
 
-def craft(attack: Callable, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
-    return torch.cat([attack(x[i:i + batch_size], y[i:i + batch_size])
+def craft(attack: Callable, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250,
+          device: torch.device | None = None) -> torch.Tensor:
+    """``attack`` over (x, y) in batches; with ``device``, each batch is attacked there and
+    its adversarials come back to x's device (a training set kept in host memory)."""
+    dev = device or x.device
+    return torch.cat([attack(x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)).to(x.device)
                       for i in range(0, len(y), batch_size)])
 
 

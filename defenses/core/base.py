@@ -204,6 +204,18 @@ class Defense(abc.ABC):
         return None
 
 
+# The running loss is checked for NaN/inf every this many steps and at the end of the epoch,
+# not after every step: each check waits for the GPU (a device-to-host copy). A non-finite loss
+# makes non-finite weights, so every later loss and the running sum stay non-finite: the check
+# still catches it, at most this many steps later.
+DIVERGENCE_CHECK_STEPS = 32
+
+
+def check_finite(total: torch.Tensor, epoch: int) -> None:
+    if not torch.isfinite(total):
+        raise TrainingDiverged(f"training loss became {total.item()} at epoch {epoch}")
+
+
 class LossDefense(Defense):
     """A defense trained by gradient descent on a per-batch loss: the common case."""
 
@@ -214,11 +226,9 @@ class LossDefense(Defense):
     def train_epoch(self, batches, optimizer, epoch, scheduler=None):
         total = torch.zeros((), device=next(self.model.parameters()).device)
         n = 0
-        for x, y in batches:
+        for step, (x, y) in enumerate(batches, start=1):
             self.model.train()
             loss = self.loss(x, y, epoch)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"training loss became {loss.item()} at epoch {epoch}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -226,6 +236,9 @@ class LossDefense(Defense):
                 scheduler.step()
             total += loss.detach() * len(y)
             n += len(y)
+            if step % DIVERGENCE_CHECK_STEPS == 0:
+                check_finite(total, epoch)
+        check_finite(total, epoch)
         return {"loss": (total / max(n, 1)).item()}
 
 

@@ -104,10 +104,9 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool,
     ``generator`` so a seeded trial sees the same order every time."""
     n = x.shape[0]
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    order = order.to(x.device)  # once, not one host-to-device copy per batch
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
-        if x.device.type != "cpu":
-            idx = idx.to(x.device)
         yield as_float(x[idx], device), y[idx].to(device) if device is not None else y[idx]
 
 

@@ -76,25 +76,36 @@ class DetectorCNN(nn.Module):
 def detector_pass(net: DetectorCNN, opt: torch.optim.Optimizer, inputs: torch.Tensor,
                   labels: torch.Tensor, batch_size: int, generator: torch.Generator) -> dict[str, float]:
     """One epoch of binary cross-entropy over (inputs, labels ∈ {0,1}), both classes weighted
-    equally (the adversarial class re-weighted by n_clean / n_adv)."""
+    equally (the adversarial class re-weighted by n_clean / n_adv). The set may live in host
+    memory: each batch is moved to the network's device. The epoch's loss and accuracy are
+    summed on that device and read once at the end (no wait for the GPU per step)."""
+    device = next(net.parameters()).device
     n_adv = float(labels.sum())
-    pos_weight = torch.tensor((len(labels) - n_adv) / max(n_adv, 1.0), device=inputs.device)
+    pos_weight = torch.tensor((len(labels) - n_adv) / max(n_adv, 1.0), device=device)
     net.train()
-    total, correct = 0.0, 0
-    for idx in torch.randperm(len(labels), generator=generator).split(batch_size):
-        idx = idx.to(inputs.device)
-        out = net(inputs[idx])
-        loss = F.binary_cross_entropy_with_logits(out, labels[idx], pos_weight=pos_weight)
+    total = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    order = torch.randperm(len(labels), generator=generator).to(inputs.device)
+    for idx in order.split(batch_size):
+        batch, target = inputs[idx].to(device), labels[idx].to(device)
+        out = net(batch)
+        loss = F.binary_cross_entropy_with_logits(out, target, pos_weight=pos_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        total += loss.item() * len(idx)
-        correct += int(((out > 0).float() == labels[idx]).sum())
+        total += loss.detach() * len(idx)
+        correct += ((out > 0).float() == target).sum()
     net.eval()
-    return {"loss": total / max(len(labels), 1), "train_acc": correct / max(len(labels), 1)}
+    n = max(len(labels), 1)
+    return {"loss": total.item() / n, "train_acc": correct.item() / n}
 
 
-def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
-    return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 250,
+            device: torch.device | None = None) -> torch.Tensor:
+    """``fn`` over x in chunks; with ``device``, each chunk runs there and its result comes
+    back to x's device (what a detector keeps in host memory, computed on the GPU)."""
+    if device is None:
+        return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    return torch.cat([fn(x[i:i + batch_size].to(device)).to(x.device) for i in range(0, len(x), batch_size)])
 
 
