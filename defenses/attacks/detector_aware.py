@@ -99,6 +99,11 @@ def _check_restarts(restarts: int, what: str) -> None:
         raise ValueError(f"{what}: restarts={restarts!r} must be an integer ≥ 1")
 
 
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-example bool mask shaped to broadcast over ``like``'s NCHW rows."""
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
 def restarted(run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
               succeeded: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
               images: torch.Tensor, labels: torch.Tensor, eps: float, restarts: int) -> torch.Tensor:
@@ -200,12 +205,15 @@ class ExtraClassCW(Attack):
             f = cw_loss(logits, score if self.extra_class else None, labels[idx], self.kappa)
             grad, = torch.autograd.grad((l2 + c[idx] * f).sum(), xa)
             with torch.no_grad():
+                # masked updates as torch.where over the active rows: boolean indexing would
+                # wait for the GPU once per mask (the step's one wait is ``nonzero`` above)
                 success = self._success(logits, score, labels[idx])
                 better = success & (l2 < best_l2[idx])
-                best[idx[better]], best_l2[idx[better]] = xa[better], l2[better]
-                found[idx[success]] = True
+                best[idx] = torch.where(_rows(better, xa), xa, best[idx])
+                best_l2[idx] = torch.where(better, l2, best_l2[idx])
+                found[idx] = found[idx] | success
                 if self.early_stop:
-                    active[idx[success]] = False
+                    active[idx] = active[idx] & ~success
                 x[idx] = self._adam(xa, grad, m, v, idx, t).clamp(lo[idx], hi[idx])
         return found
 
@@ -288,11 +296,13 @@ class OrthogonalPGD(Attack):
             logits, score, g_cls, g_det = self._gradients(x[idx], labels[idx])
             fooled = logits.argmax(1) != labels[idx]
             keep = fooled & (score < best_score[idx])
-            best[idx[keep]], best_score[idx[keep]] = x[idx[keep]], score[keep]
-            never = idx[best_score[idx] == math.inf]
-            best[never] = x[never]  # unfooled so far: the latest iterate stands in
-            if self.early_stop:
-                active[idx[fooled & (score <= 0)]] = False
+            xi = x[idx]
+            best_score[idx] = torch.where(keep, score.detach(), best_score[idx])
+            # kept rows take the iterate; so do rows unfooled so far (the latest stands in)
+            take = keep | (best_score[idx] == math.inf)
+            best[idx] = torch.where(_rows(take, xi), xi, best[idx])
+            if self.early_stop:  # torch.where and index writes: no wait for the GPU per mask
+                active[idx] = active[idx] & ~(fooled & (score <= 0))
             if i < self.steps:
                 x[idx] = self._step(x[idx], images[idx], labels[idx], logits, g_cls, g_det)
         return best
