@@ -34,7 +34,7 @@ class Rig:
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, channels_last: bool, seed: int = 0):
         torch.manual_seed(seed)
-        model = models.build("small_cnn", 10, 1)
+        model = models.build("small_cnn", 10, 1).to(x.device)
         model(x[:2])  # materialize the lazy layer before the format change and the optimizer
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(memory_format=fmt)
@@ -70,13 +70,13 @@ class Rig:
         self.opt.step()
 
 
-def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     d = data_lib.load("mnist5k")
-    return data_lib.as_float(d.train_x[:n]), d.train_y[:n]
+    return data_lib.as_float(d.train_x[:n], device), d.train_y[:n].to(device)
 
 
-def step_table(cfg: dict) -> str:
-    x, y = batch(cfg["batch"])
+def step_table(cfg: dict, device: torch.device) -> str:
+    x, y = batch(cfg["batch"], device)
     rigs = {"default": Rig(x, y, False), "channels-last": Rig(x, y, True)}
     k_ref = cfg["ks"][0]
     variants = {}
@@ -116,11 +116,11 @@ def step_table(cfg: dict) -> str:
     return table(head, rows)
 
 
-def profile_table(cfg: dict, top: int = 10) -> str:
+def profile_table(cfg: dict, device: torch.device, top: int = 10) -> str:
     """Where a PGD-K step's CPU time goes (default format), by self time per op."""
     from torch.profiler import ProfilerActivity, profile
 
-    x, y = batch(cfg["batch"])
+    x, y = batch(cfg["batch"], device)
     rig = Rig(x, y, False)
     k = cfg["ks"][0]
     rig.pgd_step(k)
@@ -135,7 +135,7 @@ def profile_table(cfg: dict, top: int = 10) -> str:
             + table(["op", "calls", "self ms", "share"], rows))
 
 
-def accuracy_table(cfg: dict) -> str:
+def accuracy_table(cfg: dict, device: torch.device) -> str:
     """Target (b) at equal robust accuracy: the same epochs of the straightforward loop and of
     ours (channels-last; fp32 and bf16 attack) from the same initialization and batches, then
     the same PGD-20 evaluation."""
@@ -143,8 +143,8 @@ def accuracy_table(cfg: dict) -> str:
 
     d = data_lib.load("mnist5k")
     n, b, k, epochs = cfg["acc_train"], cfg["batch"], cfg["ks"][0], cfg["acc_epochs"]
-    xs, ys = data_lib.as_float(d.train_x[:n]), d.train_y[:n]
-    xt, yt = data_lib.as_float(d.test_x[:500]), d.test_y[:500]
+    xs, ys = data_lib.as_float(d.train_x[:n], device), d.train_y[:n].to(device)
+    xt, yt = data_lib.as_float(d.test_x[:500], device), d.test_y[:500].to(device)
     rows, seconds_of = [], []
     for name, channels_last, step in (("torchattacks loop", False, lambda r: r.torchattacks_step(k)),
                                       ("ours, channels-last", True, lambda r: r.pgd_step(k)),
@@ -173,13 +173,14 @@ def accuracy_table(cfg: dict) -> str:
             f"{seconds_of[0] / seconds_of[1]:.2f}×, with the bf16 attack {seconds_of[0] / seconds_of[2]:.2f}×.")
 
 
-def run(mode: str) -> str:
+def run(mode: str, device: torch.device = torch.device("cpu")) -> str:
+    """``device``: where the models and batches live (bench/run.py's ``--device``)."""
     cfg = SETTINGS[mode]
     started = load_line()
-    torch.set_num_threads(1)
-    parts = [step_table(cfg), profile_table(cfg)]
+    parts = [step_table(cfg, device), profile_table(cfg, device)]
     if cfg["acc_train"]:
-        parts.append(accuracy_table(cfg))
+        parts.append(accuracy_table(cfg, device))
     return section(f"B1 adversarial-training step (small_cnn, batch {cfg['batch']}, mode {mode})",
-                   f"nice -n 10 python bench/run.py --only b1{'' if mode == 'full' else ' --' + mode}",
+                   f"nice -n 10 python bench/run.py --only b1{'' if mode == 'full' else ' --' + mode}"
+                   f"{'' if device.type == 'cpu' else f' --device {device}'}",
                    "\n\n".join(parts), started)

@@ -27,16 +27,16 @@ SETTINGS = {
 DEFENSES = ("pgd_at", "sad", "sat", "atat")
 
 
-def trained_model(n: int) -> torch.nn.Module:
+def trained_model(n: int, device: torch.device) -> torch.nn.Module:
     """small_cnn after one clean epoch on n images: an undefended model is enough to compare
     two implementations of one attack, and at ε = 0.1 its robust accuracy is mid-range."""
     torch.manual_seed(0)
     d = data_lib.load("mnist5k")
-    model = models.build("small_cnn", 10, 1)
+    model = models.build("small_cnn", 10, 1).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
     for x, y in data_lib.batches(d.train_x[:n], d.train_y[:n], 64, shuffle=True,
-                                 generator=torch.Generator().manual_seed(0)):
+                                 generator=torch.Generator().manual_seed(0), device=device):
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -44,15 +44,15 @@ def trained_model(n: int) -> torch.nn.Module:
     return model.eval()
 
 
-def attack_table(cfg: dict) -> str:
+def attack_table(cfg: dict, device: torch.device) -> str:
     import torchattacks
 
-    model = trained_model(cfg["train"])
+    model = trained_model(cfg["train"], device)
     d = data_lib.load("mnist5k")
-    x, y = data_lib.as_float(d.test_x[:cfg["n"]]), d.test_y[:cfg["n"]]
+    x, y = data_lib.as_float(d.test_x[:cfg["n"]], device), d.test_y[:cfg["n"]].to(device)
     eps, steps = cfg["eps"], cfg["steps"]
     alpha = 2.5 * eps / steps
-    model_cl = trained_model(cfg["train"]).to(memory_format=torch.channels_last)
+    model_cl = trained_model(cfg["train"], device).to(memory_format=torch.channels_last)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     ours, theirs = PGD(model, eps, steps=steps, alpha=alpha), torchattacks.PGD(
         model, eps=eps, alpha=alpha, steps=steps, random_start=True)
@@ -84,15 +84,15 @@ def attack_table(cfg: dict) -> str:
                      "robust acc %"], rows))
 
 
-def apgd_table(cfg: dict) -> str:
+def apgd_table(cfg: dict, device: torch.device) -> str:
     """Early stopping (defenses.attacks.apgd) against torchattacks' APGD, which runs every step
     on every point: same loss, schedule, budget, one restart; the model is the PGD table's."""
     import torchattacks
     from defenses.attacks.apgd import APGD
 
-    model = trained_model(cfg["train"])
+    model = trained_model(cfg["train"], device)
     d = data_lib.load("mnist5k")
-    x, y = data_lib.as_float(d.test_x[:cfg["n"]]), d.test_y[:cfg["n"]]
+    x, y = data_lib.as_float(d.test_x[:cfg["n"]], device), d.test_y[:cfg["n"]].to(device)
     steps, rows = cfg["apgd"], []
     for eps in (cfg["eps"], 0.3):  # mid-range robust accuracy, and every point broken
         attacks = {"torchattacks": torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps,
@@ -116,7 +116,7 @@ def apgd_table(cfg: dict) -> str:
                      "robust acc %"], rows))
 
 
-def defense_steps(cfg: dict) -> str:
+def defense_steps(cfg: dict, device: torch.device) -> str:
     """Seconds of one training step (one batch through ``train_epoch``) of each defense."""
     from orchestrator.spec import parse
     from orchestrator.training import build_setup
@@ -132,13 +132,13 @@ def defense_steps(cfg: dict) -> str:
     for name in names:
         t0 = time.perf_counter()
         try:
-            s = build_setup(spec, name, {}, torch.device("cpu"), run_dir)
+            s = build_setup(spec, name, {}, device, run_dir)
         except Exception as e:  # another engineer's defense mid-change: say so, measure the rest
             notes.append(f"{name} skipped: {type(e).__name__}: {e}")
             continue
         setup_s[name] = time.perf_counter() - t0
-        x = data_lib.as_float(s.data.train_x[:cfg["batch"]])
-        y = s.data.train_y[:cfg["batch"]]
+        x = data_lib.as_float(s.data.train_x[:cfg["batch"]], device)
+        y = s.data.train_y[:cfg["batch"]].to(device)
         steps[name] = (lambda s=s, x=x, y=y: s.defense.train_epoch([(x, y)], s.optimizer, 1))
     t = interleave(steps, cfg["step_reps"], warmup=[])
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -153,11 +153,13 @@ def defense_steps(cfg: dict) -> str:
             + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else ""))
 
 
-def run(mode: str) -> str:
+def run(mode: str, device: torch.device = torch.device("cpu")) -> str:
+    """``device``: where the models and images live (bench/run.py's ``--device``)."""
     cfg = SETTINGS[mode]
     started = load_line()
-    torch.set_num_threads(1)
-    body = attack_table(cfg) + "\n\n" + apgd_table(cfg) + "\n\n" + defense_steps(cfg)
+    body = (attack_table(cfg, device) + "\n\n" + apgd_table(cfg, device) + "\n\n"
+            + defense_steps(cfg, device))
     return section(f"B2 attack speed and saliency-defense steps (mode {mode})",
-                   f"nice -n 10 python bench/run.py --only b2{'' if mode == 'full' else ' --' + mode}",
+                   f"nice -n 10 python bench/run.py --only b2{'' if mode == 'full' else ' --' + mode}"
+                   f"{'' if device.type == 'cpu' else f' --device {device}'}",
                    body, started)

@@ -1,6 +1,7 @@
 """Run the benchmarks and rewrite their sections of BENCHMARKS.md.
 
     python bench/run.py [--quick | --tiny] [--only b1,b5] [--md BENCHMARKS.md] [--no-write]
+                        [--device cpu|cuda|cuda:N] [--threads 1]
 
 Each benchmark writes the block between ``<!-- bench:bN -->`` and ``<!-- /bench:bN -->`` in
 the markdown file (appended if the markers are missing); the rest of the file is left alone."""
@@ -19,10 +20,12 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from defenses.core.cache import atomic_write  # noqa: E402
+from orchestrator.cli import BadInput, add_device_options, complain, device_of  # noqa: E402
 
 BENCHMARKS = {"b1": "bench.b1_step", "b2": "bench.b2_attacks", "b3": "bench.b3_overhead",
               "b4": "bench.b4_search", "b5": "bench.b5_aggregate",
               "b7": "bench.b7_early_stopping", "b8": "bench.b8_cluster"}
+ON_DEVICE = ("b1", "b2")  # the benchmarks that run models in this process (the rest drive sweeps)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,6 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated: " + ",".join(BENCHMARKS))
     p.add_argument("--md", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to rewrite")
     p.add_argument("--no-write", action="store_true", help="print only")
+    add_device_options(p, threads=1)
     args = p.parse_args(argv)
     unknown = [b for b in args.only.split(",") if b not in BENCHMARKS]
     if unknown:
@@ -51,11 +55,16 @@ def rewrite(md: Path, key: str, body: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        device = device_of(args)
+    except BadInput as e:
+        return complain("bench/run.py", str(e))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     for key in args.only.split(","):
         t0 = time.perf_counter()
-        body = importlib.import_module(BENCHMARKS[key]).run(mode)
+        module = importlib.import_module(BENCHMARKS[key])
+        body = module.run(mode, device) if key in ON_DEVICE else module.run(mode)
         print(body, flush=True)
         print(f"[{key} took {time.perf_counter() - t0:.0f} s]", flush=True)
         if not args.no_write:

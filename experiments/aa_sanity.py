@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from defenses.core import data as data_lib  # noqa: E402
 from defenses.attacks import PGD  # noqa: E402
 from defenses.evaluation.benchmark import benchmark  # noqa: E402
+from orchestrator.cli import BadInput, add_device_options, complain, device_of  # noqa: E402
 from orchestrator.spec import parse  # noqa: E402
 from orchestrator.training import build_setup, train  # noqa: E402
 
@@ -40,15 +41,19 @@ def main() -> None:
     p.add_argument("--autoattack", choices=["reduced", "standard"], default="reduced",
                    help="reduced budgets (APGD 50 steps, 3 targets, Square 500) or AutoAttack's own")
     p.add_argument("--run-dir", default="runs/aa_sanity")
+    add_device_options(p, threads=1)
     args = p.parse_args()
-    torch.set_num_threads(1)
+    try:
+        device = device_of(args)
+    except BadInput as e:
+        sys.exit(complain(p.prog, str(e)))
     spec = parse({"name": "aa-sanity", "dataset": "mnist5k", "model": "small_cnn",
                   "epochs": args.epochs, "batch_size": 100, "optimizer": {"name": "adam", "lr": args.lr, "schedule": args.schedule},
                   "threat_model": {"eps": 0.3, "attacks": ["pgd-40"], "train_steps": args.train_steps},
                   "defenses": ["pgd_at"]})
     t0 = time.perf_counter()
     run_dir = Path(args.run_dir)
-    s = build_setup(spec, "pgd_at", {"clean_weight": 0.0}, torch.device("cpu"), run_dir)
+    s = build_setup(spec, "pgd_at", {"clean_weight": 0.0}, device, run_dir)
     # the trained weights are kept: evaluating again (e.g. on more images) does not retrain
     weights = run_dir / f"pgd_at-e{args.epochs}-k{args.train_steps}-{args.schedule}-lr{args.lr:g}.pt"
     if weights.is_file():
@@ -58,8 +63,8 @@ def main() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         torch.save(s.defense.model.state_dict(), weights)
     out: dict = {"settings": vars(args), "train_s": round(time.perf_counter() - t0, 1)}
-    x = data_lib.as_float(s.data.test_x[:args.samples])
-    y = s.data.test_y[:args.samples]
+    x = data_lib.as_float(s.data.test_x[:args.samples], device)
+    y = s.data.test_y[:args.samples].to(device)
     lists = {"pgd-40": ["pgd-40"],
              "pgd-40 x5 restarts": [PGD(s.defense.predictor(), 0.3, steps=40, restarts=5)],
              **({"reduced AutoAttack": REDUCED_AA} if args.autoattack == "reduced"

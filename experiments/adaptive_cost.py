@@ -38,6 +38,7 @@ from defenses.attacks.base import frozen_eval  # noqa: E402
 from defenses.attacks.detector_aware import ExtraClassCW, OrthogonalPGD  # noqa: E402
 from defenses.attacks.pgd import random_start  # noqa: E402
 from defenses.core.base import ThreatModel, predict_labels  # noqa: E402
+from orchestrator.cli import BadInput, add_device_options, complain, device_of  # noqa: E402
 
 log = logging.getLogger("adaptive_cost")
 EPS = 0.3
@@ -47,15 +48,16 @@ META = {"dataset": "mnist5k", "model": "small_cnn", "defense": "standard", "num_
         "in_channels": 1, "seed": 0, "hp": {}}
 
 
-def base_checkpoint(ds: data_lib.Dataset, run_dir: Path) -> Path:
+def base_checkpoint(ds: data_lib.Dataset, run_dir: Path, device: torch.device) -> Path:
     path = run_dir / "standard.pt"
     if not path.is_file():
         torch.manual_seed(0)
-        net = models.build("small_cnn", 10, 1)
+        net = models.build("small_cnn", 10, 1).to(device)
         opt = torch.optim.Adam(net.parameters(), 1e-3)
         for epoch in range(3):
             gen = torch.Generator().manual_seed(epoch)
-            for x, y in data_lib.batches(ds.train_x, ds.train_y, 100, shuffle=True, generator=gen):
+            for x, y in data_lib.batches(ds.train_x, ds.train_y, 100, shuffle=True, generator=gen,
+                                           device=device):
                 net.train()
                 opt.zero_grad()
                 F.cross_entropy(net(data_lib.as_float(x)), y).backward()
@@ -81,10 +83,12 @@ class SecondRun:
 
 def measure(name: str, ds: data_lib.Dataset, ckpt: Path, x: torch.Tensor, y: torch.Tensor) -> dict:
     cls = registry.get(name)
-    d = cls(models.build("small_cnn", 10, 1), cls.make_params(HP[name]), ThreatModel(EPS))
+    net = models.build("small_cnn", 10, 1).to(x.device)
+    d = cls(net, cls.make_params(HP[name]), ThreatModel(EPS))
     d.setup(ds, ckpt)
     for epoch in range(1, 4):
-        d.train_epoch(data_lib.batches(ds.train_x, ds.train_y, 100, shuffle=False), None, epoch)
+        d.train_epoch(data_lib.batches(ds.train_x, ds.train_y, 100, shuffle=False, device=x.device),
+                      None, epoch)
         d.end_epoch(epoch, None)
         if d.stop_training:
             break
@@ -136,13 +140,18 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=500)
     ap.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "adaptive_cost")
     ap.add_argument("--detectors", default=",".join(HP))
+    add_device_options(ap, threads=1)
     args = ap.parse_args()
+    try:
+        device = device_of(args)
+    except BadInput as e:
+        sys.exit(complain(ap.prog, str(e)))
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(1)
     mnist = data_lib.hold_out_validation(data_lib.load("mnist5k"), 256)
     ds = dataclasses.replace(mnist, train_x=mnist.train_x[:2000], train_y=mnist.train_y[:2000])
-    ckpt = base_checkpoint(ds, args.run_dir)
-    x, y = data_lib.as_float(mnist.test_x[:args.samples]), mnist.test_y[:args.samples]
+    ckpt = base_checkpoint(ds, args.run_dir, device)
+    ds = ds.to(device)
+    x, y = data_lib.as_float(mnist.test_x[:args.samples], device), mnist.test_y[:args.samples].to(device)
     for name in args.detectors.split(","):
         measure(name.strip(), ds, ckpt, x, y)
 

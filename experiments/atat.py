@@ -30,6 +30,7 @@ from defenses.core.base import NoParams, ThreatModel  # noqa: E402
 from defenses.evaluation.benchmark import benchmark  # noqa: E402
 from defenses.pgd_at import PGDAT, PGDATParams  # noqa: E402
 from defenses.standard import Standard  # noqa: E402
+from orchestrator.cli import BadInput, add_device_options, complain, device_of, trial_resources  # noqa: E402
 from orchestrator.spec import parse  # noqa: E402
 from orchestrator.trial import LocalReporter, run_trial  # noqa: E402
 from orchestrator.training import CHECKPOINT_FILE  # noqa: E402
@@ -40,13 +41,13 @@ LAMBDA2 = [0.0, 1.0, 3.0]
 BEGIN, END = "<!-- BEGIN GENERATED (experiments/atat.py) -->", "<!-- END GENERATED -->"
 
 
-def make_spec(args, seed: int):
+def make_spec(args, seed: int, device: torch.device):
     return parse({"name": "atat_experiment", "dataset": "mnist5k", "model": "small_cnn",
                   "epochs": args.epochs, "train_samples": args.train_samples,
                   "eval_samples": args.eval_samples, "batch_size": 100, "seed": seed,
                   "optimizer": {"name": "adam", "lr": 1e-3},
                   "threat_model": {"eps": 0.3, "attacks": ATTACKS, "train_steps": 5},
-                  "defenses": ["atat", "pgd_at"]})
+                  "defenses": ["atat", "pgd_at"], "resources": trial_resources(device, args.threads)})
 
 
 def configs() -> list[dict]:
@@ -64,13 +65,13 @@ def configs() -> list[dict]:
     ]
 
 
-def run_all(args, run_dir: Path, results: dict) -> None:
+def run_all(args, run_dir: Path, results: dict, device: torch.device) -> None:
     for cfg in configs():
         if cfg["id"] in results:
             continue
         t0, c0 = time.perf_counter(), time.process_time()
         reporter = LocalReporter(run_dir / "trials" / cfg["id"], cfg["id"])
-        rec = run_trial({"defense": cfg["defense"], "hp": cfg["hp"], "spec": make_spec(args, cfg["seed"]),
+        rec = run_trial({"defense": cfg["defense"], "hp": cfg["hp"], "spec": make_spec(args, cfg["seed"], device),
                          "run_dir": str(run_dir), "trial_id": cfg["id"]}, reporter)
         if rec.status != "completed":
             raise RuntimeError(f"{cfg['id']} failed: {rec.error}")
@@ -97,17 +98,17 @@ def best_atat(results: dict) -> str:
     return max(grid, key=lambda r: (r["robust_acc"], r["clean_acc"]))["id"]
 
 
-def autoattack(args, results: dict, ids: list[str]) -> None:
+def autoattack(args, results: dict, ids: list[str], device: torch.device) -> None:
     """Cascade FGSM → PGD-40 → PGD-CW-30 → AutoAttack (standard) on the first test images."""
     ds = data_lib.load("mnist5k", seed=0)
-    x = data_lib.as_float(ds.test_x[:args.aa_samples])
-    y = ds.test_y[:args.aa_samples]
+    x = data_lib.as_float(ds.test_x[:args.aa_samples], device)
+    y = ds.test_y[:args.aa_samples].to(device)
     for trial_id in ids:
         r = results[trial_id]
         if "aa" in r:
             continue
         state = torch.load(r["checkpoint"], map_location="cpu", weights_only=True)
-        model = model_lib.build("small_cnn", 10, 1)
+        model = model_lib.build("small_cnn", 10, 1).to(device)
         model.load_state_dict(state["model"])
         defense = Standard(model.eval(), NoParams(), ThreatModel(eps=0.3))  # ATAT predicts plainly
         torch.manual_seed(0)
@@ -117,14 +118,14 @@ def autoattack(args, results: dict, ids: list[str]) -> None:
         print(f"{trial_id} on {res.n}: {res.acc}", flush=True)
 
 
-def step_cpu_seconds(args, repeats: int = 6) -> dict[str, float]:
+def step_cpu_seconds(args, device: torch.device, repeats: int = 6) -> dict[str, float]:
     """Process CPU time of one training step (batch 100, PGD-5), same start weights; the
     machine is shared, so CPU time is steadier than the trials' wall-clock train_seconds."""
     torch.manual_seed(0)
     ds = data_lib.load("mnist5k", seed=0)
-    x, y = data_lib.as_float(ds.train_x[:100]), ds.train_y[:100]
+    x, y = data_lib.as_float(ds.train_x[:100], device), ds.train_y[:100].to(device)
     threat = ThreatModel(eps=0.3, train_steps=5)
-    base = model_lib.build("small_cnn", 10, 1)
+    base = model_lib.build("small_cnn", 10, 1).to(device)
     teacher = copy.deepcopy(base).eval().requires_grad_(False)
     defenses = {"pgd_at (clean_weight=1)": PGDAT(copy.deepcopy(base), PGDATParams(1.0), threat)}
     for l1, l2 in [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0)]:
@@ -259,18 +260,22 @@ def main() -> None:
     p.add_argument("--aa-samples", type=int, default=100, help="0 skips AutoAttack")
     p.add_argument("--run-dir", default="runs/atat_experiment")
     p.add_argument("--doc", default="docs/atat.md")
+    add_device_options(p, threads=1)
     args = p.parse_args()
-    torch.set_num_threads(1)
+    try:
+        device = device_of(args)
+    except BadInput as e:
+        sys.exit(complain(p.prog, str(e)))
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    run_all(args, run_dir, results)
+    run_all(args, run_dir, results, device)
     best = best_atat(results)
     if args.aa_samples:
-        autoattack(args, results, ["pgd_at_cw=1_seed0", best])
+        autoattack(args, results, ["pgd_at_cw=1_seed0", best], device)
         save(run_dir, results)
-    cost = step_cpu_seconds(args)
+    cost = step_cpu_seconds(args, device)
     print(cost, flush=True)
     write_doc(Path(args.doc), tables(args, results, cost, best))
     print(f"wrote {args.doc}")

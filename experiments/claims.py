@@ -38,6 +38,7 @@ from defenses.evaluation import benchmark as eval_lib  # noqa: E402
 from defenses.core import registry  # noqa: E402
 from defenses.core.base import BaseModelRequest  # noqa: E402
 from defenses.evaluation.detection import craft, detection_report  # noqa: E402
+from orchestrator.cli import BadInput, add_device_options, complain, device_of  # noqa: E402
 from orchestrator.training import ensure_base  # noqa: E402
 from orchestrator.evaluate import eval_data, restore  # noqa: E402
 from orchestrator.spec import SweepSpec, parse  # noqa: E402
@@ -146,9 +147,8 @@ def spec(run_dir: Path) -> SweepSpec:
     return s
 
 
-def checkpoint(m: Model, sp: SweepSpec, run_dir: Path) -> Path:
-    """The trained model of ``m`` (trained now unless cached)."""
-    device = torch.device("cpu")
+def checkpoint(m: Model, sp: SweepSpec, run_dir: Path, device: torch.device) -> Path:
+    """The trained model of ``m`` (trained now, on ``device``, unless cached)."""
     if m.base:
         return ensure_base(sp, BaseModelRequest(defense=m.defense), run_dir, device)
     folder = run_dir / "models" / m.key
@@ -236,7 +236,7 @@ def rate(v: float, of: int) -> str:
     return f"{100 * v:.1f} % ({round(v * of)}/{of}) [{100 * low:.1f}, {100 * high:.1f}]"
 
 
-def sanity(run_dir: Path, sp: SweepSpec, n: int) -> list[str]:
+def sanity(run_dir: Path, sp: SweepSpec, n: int, device: torch.device) -> list[str]:
     """AutoAttack (reduced) against PGD-40 (Madry's step 2.5ε/40, one random start, last
     iterate), and two PGD-40 variants that tell a weak PGD from a masked model: five restarts,
     and a larger step (ε/4)."""
@@ -244,7 +244,7 @@ def sanity(run_dir: Path, sp: SweepSpec, n: int) -> list[str]:
             "| fgsm → pgd-40 → pgd_cw-40 | AA − PGD-40 | flags (AutoAttack run) |",
             "|---|---|---|---|---|---|---|---|---|"]
     for m in (STANDARD, PGD_AT):
-        s = restore(checkpoint(m, sp, run_dir), sp, run_dir, torch.device("cpu"))
+        s = restore(checkpoint(m, sp, run_dir, device), sp, run_dir, device)
         pred = s.defense.predictor()
         key = {"model": m.key, "n": n, "eps": EPS, "code": code_digest(m.defense)}
         pgd = cached(run_dir, {**key, "what": "pgd40"},
@@ -269,7 +269,7 @@ def _steps(result: dict[str, Any]) -> str:
     return ", ".join(f"{a} {pct(v)}" for a, v in result["acc"].items())
 
 
-def ledger(run_dir: Path, sp: SweepSpec, n: int) -> tuple[list[str], list[str]]:
+def ledger(run_dir: Path, sp: SweepSpec, n: int, device: torch.device) -> tuple[list[str], list[str]]:
     rows = ["| paper | claim | paper's number | ours: paper's attack | ours: strongest attack "
             "(reduced AutoAttack + adaptive) | paper's attack − strongest | vs reference "
             "(strongest) | flags | note |", "|---|---|---|---|---|---|---|---|---|"]
@@ -280,7 +280,7 @@ def ledger(run_dir: Path, sp: SweepSpec, n: int) -> tuple[list[str], list[str]]:
             skipped.append(f"{c.paper}: defense {c.model.defense!r} not registered when this ran")
             continue
         try:
-            paper, strong = evaluate_claim(c, run_dir, sp, n)
+            paper, strong = evaluate_claim(c, run_dir, sp, n, device)
         except Exception as e:  # a defense still being written: say so, keep the ledger going
             skipped.append(f"{c.paper} ({c.model.key}): {type(e).__name__}: {str(e).splitlines()[0]}")
             continue
@@ -288,14 +288,15 @@ def ledger(run_dir: Path, sp: SweepSpec, n: int) -> tuple[list[str], list[str]]:
         ref = strongest.get((c.ref.key, c.eps)) if c.ref is not None else None
         if c.ref is not None and ref is None:  # the reference at this ε: evaluate it too
             ref = evaluate_claim(dataclasses.replace(c, model=c.ref, metric="robust", ref=None),
-                                 run_dir, sp, n)[1]
+                                 run_dir, sp, n, device)[1]
         rows.append(ledger_row(c, paper, strong, ref))
     return rows, skipped
 
 
-def evaluate_claim(c: Claim, run_dir: Path, sp: SweepSpec, n: int) -> tuple[dict, dict]:
+def evaluate_claim(c: Claim, run_dir: Path, sp: SweepSpec, n: int,
+                   device: torch.device) -> tuple[dict, dict]:
     """(the paper's attack, the strongest cascade) on the claim's model, cached."""
-    s = restore(checkpoint(c.model, sp, run_dir), sp, run_dir, torch.device("cpu"))
+    s = restore(checkpoint(c.model, sp, run_dir, device), sp, run_dir, device)
     key = {"model": c.model.key, "n": n, "eps": c.eps, "code": code_digest(c.model.defense)}
     if c.metric == "detection":
         paper = cached(run_dir, {**key, "what": "detection", "attacks": c.paper_attacks},
@@ -358,14 +359,19 @@ def main() -> None:
     p.add_argument("--sanity-samples", type=int, default=1000)
     p.add_argument("--only", choices=["sanity", "ledger"], default=None)
     p.add_argument("--out", default="docs/claims.md")
+    add_device_options(p, threads=1)
     args = p.parse_args()
-    torch.set_num_threads(1)
+    try:
+        device = device_of(args)
+    except BadInput as e:
+        sys.exit(complain(p.prog, str(e)))
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     sp = spec(run_dir)
     t0 = time.time()
-    sanity_rows = sanity(run_dir, sp, args.sanity_samples) if args.only != "ledger" else []
-    ledger_rows, skipped = ledger(run_dir, sp, args.samples) if args.only != "sanity" else ([], [])
+    sanity_rows = sanity(run_dir, sp, args.sanity_samples, device) if args.only != "ledger" else []
+    ledger_rows, skipped = (ledger(run_dir, sp, args.samples, device) if args.only != "sanity"
+                            else ([], []))
     write(Path(args.out), args, sanity_rows, ledger_rows, skipped, time.time() - t0)
 
 

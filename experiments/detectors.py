@@ -51,6 +51,7 @@ from defenses.core.cache import atomic_write  # noqa: E402
 from defenses.attacks.detector_aware import ExtraClassCW, OrthogonalPGD  # noqa: E402
 from defenses.evaluation.detection import DetectorReport, craft, detection_report  # noqa: E402
 from defenses.evaluation.benchmark import benchmark  # noqa: E402
+from orchestrator.cli import BadInput, add_device_options, complain, device_of  # noqa: E402
 
 EPS = 0.3
 SPEC = {"dataset": "mnist5k", "model": "small_cnn", "epochs": 3, "train_samples": 2000,
@@ -98,22 +99,22 @@ def num(v: float) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-def build(name: str, hp: dict, run_dir: Path):
+def build(name: str, hp: dict, run_dir: Path, device: torch.device):
     """A detector exactly as a trial builds it: base classifier, setup, one (calibrating)
     epoch; returns (defense, held-out metrics of end_epoch)."""
     from orchestrator.spec import parse
     from orchestrator.training import build_setup, train
 
     spec = parse(SPEC)
-    s = build_setup(spec, name, hp, torch.device("cpu"), run_dir)
+    s = build_setup(spec, name, hp, device, run_dir)
     metrics = {}
     train(s, spec.epochs, on_epoch=lambda epoch, m, sec: metrics.update(m))
     return s.defense, metrics
 
 
-def cached(path: Path, make):
+def cached(path: Path, make, device: torch.device):
     if path.is_file():
-        return torch.load(path, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True)
     value = make()
     atomic_write(path, lambda tmp: torch.save(value, tmp))
     return value
@@ -127,7 +128,8 @@ def plain_attacks(model, x, y, out: Path) -> dict[str, torch.Tensor]:
     advs = {}
     for attack in attacks:
         torch.manual_seed(0)
-        advs[attack.name] = cached(out / f"adv-{attack.name}-{len(y)}.pt", lambda: craft([attack], x, y)[attack.name])
+        advs[attack.name] = cached(out / f"adv-{attack.name}-{len(y)}.pt",
+                                   lambda: craft([attack], x, y)[attack.name], x.device)
         log(f"crafted {attack.name} on {len(y)} images")
     return advs
 
@@ -146,7 +148,7 @@ def theta_sweep(x, y, advs, run_dir: Path) -> list[dict]:
     for enh in ENHANCEMENTS:
         for theta in THETAS:
             defense, _ = build("gradcam_detector", {"theta": theta, "enhancement": enh, "rule": "paper"},
-                               run_dir)
+                               run_dir, x.device)
             r = detection_report(defense, x, y, advs)
             rows.append({"theta": theta, "enhancement": enh, **report_row(r)})
             log(f"θ={theta} {enh}: OSPA {r.ospa:.3f}, FPR {r.fpr:.3f}, detection "
@@ -157,7 +159,7 @@ def theta_sweep(x, y, advs, run_dir: Path) -> list[dict]:
 def squeezing(x, y, advs, run_dir: Path) -> list[dict]:
     rows = []
     for label, hp in SQUEEZERS:
-        defense, held = build("feature_squeezing", hp, run_dir)  # at the threat model's 5 %
+        defense, held = build("feature_squeezing", hp, run_dir, x.device)  # at the threat model's 5 %
         r = detection_report(defense, x, y, advs)
         rows.append({"squeezer": label, "threshold": defense.threshold,
                      "holdout_fpr": held.get("holdout.clean_fpr"), **report_row(r)})
@@ -168,7 +170,7 @@ def squeezing(x, y, advs, run_dir: Path) -> list[dict]:
 def adaptive(x, y, advs, run_dir: Path, out: Path) -> list[dict]:
     rows = []
     for name, label, hp in ADAPTIVE_CONFIGS:
-        defense, _ = build(name, hp, run_dir)
+        defense, _ = build(name, hp, run_dir, x.device)
         joint = defense.joint()
         attacks = [ExtraClassCW(joint, EPS, steps=CW_STEPS, search_steps=CW_SEARCH, early_stop=True),
                    OrthogonalPGD(joint, EPS, steps=ADAPTIVE_STEPS, early_stop=True),
@@ -178,7 +180,7 @@ def adaptive(x, y, advs, run_dir: Path, out: Path) -> list[dict]:
         t0 = time.process_time()
         for attack in attacks:
             sets[attack.name] = cached(out / f"adv-{name}-{key}-{attack.name}-{len(y)}.pt",
-                                       lambda: craft([attack], x, y)[attack.name])
+                                       lambda: craft([attack], x, y)[attack.name], x.device)
         seconds = time.process_time() - t0
         r = detection_report(defense, x, y, sets)
         names = list(sets)
@@ -218,7 +220,7 @@ def rejected_share(defense, x: torch.Tensor, batch: int = 250) -> float:
                           for i in range(0, len(x), batch)]).float().mean().item()
 
 
-def fpr_check(run_dir: Path, validation_samples: int | None = None) -> list[dict]:
+def fpr_check(run_dir: Path, device: torch.device, validation_samples: int | None = None) -> list[dict]:
     """Realized FPR on all test images at the threat model's 5 %, per detector, as a trial
     builds it (threshold on the validation split); and, for contrast, with the threshold set
     on 300 of the classifier's training images, the calibration before the split."""
@@ -228,14 +230,14 @@ def fpr_check(run_dir: Path, validation_samples: int | None = None) -> list[dict
     raw = SPEC if validation_samples is None else {**SPEC, "validation_samples": validation_samples}
     spec = parse(raw)
     full = data_lib.hold_out_validation(data_lib.load("mnist5k", seed=spec.seed), spec.validation_samples)
-    test = full.test_x
+    test = full.test_x.to(device)
     # training images past train_samples: unseen by the classifier and the detector too, a
     # second sample of the same distribution to tell the threshold's sampling error from a bias
-    spare = full.train_x[spec.train_samples:]
+    spare = full.train_x[spec.train_samples:].to(device)
     rows = []
     for name, label, hp in FPR_CONFIGS:
         t0 = time.process_time()
-        s = build_setup(spec, name, hp, torch.device("cpu"), run_dir)
+        s = build_setup(spec, name, hp, device, run_dir)
         train(s, spec.epochs)
         d = s.defense
         val = d.calib_x if name == "saliency_detector" else d.val_x  # the validation split
@@ -243,7 +245,7 @@ def fpr_check(run_dir: Path, validation_samples: int | None = None) -> list[dict
                "n_test": len(test), "threshold": d.threshold, "val_fpr": rejected_share(d, val),
                "test_fpr": rejected_share(d, test), "n_spare": len(spare),
                "spare_fpr": rejected_share(d, spare)}
-        train_x = data_lib.as_float(s.data.train_x[-300:])
+        train_x = data_lib.as_float(s.data.train_x[-300:], device)
         if name == "saliency_detector":
             calib = d.calib_x
             d.calib_x = train_x  # (images this detector also trained on, unlike before the split)
@@ -342,20 +344,24 @@ def main() -> None:
                     help="only measure each detector's realized test FPR at the 5 %% target")
     ap.add_argument("--validation-samples", type=int, default=None,
                     help="with --fpr-check: the spec's validation_samples (default: the spec default)")
+    add_device_options(ap, threads=1)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    try:
+        device = device_of(args)
+    except BadInput as e:
+        sys.exit(complain(ap.prog, str(e)))
     args.out.mkdir(parents=True, exist_ok=True)
     cpu0 = time.process_time()
     run_dir = args.run_dir or args.out / "run"
     if args.fpr_check:
-        rows = fpr_check(run_dir, args.validation_samples)
+        rows = fpr_check(run_dir, device, args.validation_samples)
         (args.out / "fpr_check.json").write_text(json.dumps(rows, indent=1, default=float))
         log(f"done in {(time.process_time() - cpu0) / 60:.1f} CPU min; wrote {args.out / 'fpr_check.json'}")
         return
 
     data = data_lib.load("mnist5k")
-    x, y = data.test_x[:args.n_eval], data.test_y[:args.n_eval]
-    classifier, _ = build("gradcam_detector", {"theta": 0.0, "rule": "paper"}, run_dir)  # loads the base
+    x, y = data.test_x[:args.n_eval].to(device), data.test_y[:args.n_eval].to(device)
+    classifier, _ = build("gradcam_detector", {"theta": 0.0, "rule": "paper"}, run_dir, device)  # loads the base
     advs = plain_attacks(classifier.model, x, y, args.out)
     results = {"theta_sweep": theta_sweep(x, y, advs, run_dir),
                "squeezing": squeezing(x, y, advs, run_dir)}

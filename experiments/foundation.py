@@ -2,6 +2,7 @@
 images with the worst case of FGSM, PGD-40 and PGD-CW-40 (plus AutoAttack with --autoattack).
 
     python experiments/foundation.py [--epochs 10] [--autoattack] [--out docs/foundation.md]
+                                     [--device cpu|cuda|cuda:N] [--threads 1]
 """
 from __future__ import annotations
 
@@ -11,18 +12,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from orchestrator.cli import BadInput, add_device_options, complain, device_of, trial_resources  # noqa: E402
 from orchestrator.spec import parse  # noqa: E402
 from orchestrator.trial import run_trial  # noqa: E402
 
 
-def spec_for(epochs: int, attacks: list[str], train_steps: int):
+def spec_for(epochs: int, attacks: list[str], train_steps: int, resources: dict):
     return parse({"name": "foundation", "dataset": "mnist5k", "model": "small_cnn", "epochs": epochs,
                   "batch_size": 50, "optimizer": {"name": "adam", "lr": 1e-3},
                   "threat_model": {"eps": 0.3, "attacks": attacks, "train_steps": train_steps},
-                  "defenses": ["standard", "pgd_at"]})
+                  "defenses": ["standard", "pgd_at"], "resources": resources})
 
 
 def main() -> None:
@@ -31,10 +31,15 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=10)
     p.add_argument("--autoattack", action="store_true")
     p.add_argument("--out", default="docs/foundation.md")
+    # 1 thread by default: run_trial sets cpus_per_trial's (1) over the 2 this script used to set
+    add_device_options(p, threads=1)
     args = p.parse_args()
-    torch.set_num_threads(2)
+    try:
+        device = device_of(args)
+    except BadInput as e:
+        sys.exit(complain(p.prog, str(e)))
     attacks = ["fgsm", "pgd-40", "pgd_cw-40"] + (["autoattack"] if args.autoattack else [])
-    spec = spec_for(args.epochs, attacks, args.train_steps)
+    spec = spec_for(args.epochs, attacks, args.train_steps, trial_resources(device, args.threads))
     rows = []
     with tempfile.TemporaryDirectory() as run_dir:
         for defense in ["standard", "pgd_at"]:

@@ -29,6 +29,7 @@ from defenses.attacks.adaptive import BPDA, transfer_pgd  # noqa: E402
 from defenses.sad import SALIENCY_STEP  # noqa: E402
 from orchestrator.training import base_key  # noqa: E402
 from orchestrator.spec import parse  # noqa: E402
+from orchestrator.cli import BadInput, add_device_options, complain, device_of  # noqa: E402
 from orchestrator.training import build_setup, train  # noqa: E402
 
 log = logging.getLogger("experiments.sad")
@@ -114,17 +115,17 @@ def evaluate(defense, x, y, cfg: dict) -> dict:
     return row
 
 
-def run(cfg: dict, run_dir: Path) -> list[dict]:
+def run(cfg: dict, run_dir: Path, device: torch.device) -> list[dict]:
     spec = make_spec(cfg)
     rows = []
     for label, hp in CONFIGS:
-        s = build_setup(spec, "sad", hp, torch.device("cpu"), run_dir)
+        s = build_setup(spec, "sad", hp, device, run_dir)
         seconds = train(s, spec.epochs)
         n = cfg["eval"]
-        x = data_lib.as_float(s.data.test_x[:n])
-        y = s.data.test_y[:n]
+        x = data_lib.as_float(s.data.test_x[:n], device)
+        y = s.data.test_y[:n].to(device)
         key = base_key(spec, type(s.defense).base_model(s.defense.params))
-        base = torch.load(run_dir / "bases" / key / "checkpoint.pt", weights_only=True)
+        base = torch.load(run_dir / "bases" / key / "checkpoint.pt", map_location="cpu", weights_only=True)
         row = {"config": label, "hp": hp, "sad_train_s": seconds,
                "base_train_s": float(base["train_seconds"]), **evaluate(s.defense, x, y, cfg)}
         log.info("%s", json.dumps(row))
@@ -171,7 +172,12 @@ def main() -> None:
     ap.add_argument("--only", type=int, nargs="*", help="indices of CONFIGS to run (default: all)")
     ap.add_argument("--table-only", action="store_true",
                     help="rewrite docs/sad.md from RUN_DIR/results.json without running anything")
+    add_device_options(ap, threads=1)
     args = ap.parse_args()
+    try:
+        device = device_of(args)
+    except BadInput as e:
+        sys.exit(complain(ap.prog, str(e)))
     if args.table_only:
         rows = json.loads((Path(args.run_dir) / "results.json").read_text())
         write_doc(rows, SETTINGS, f"nice -n 10 python experiments/sad.py --run-dir {args.run_dir}")
@@ -179,13 +185,12 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.WARNING)
     log.setLevel(logging.INFO)
-    torch.set_num_threads(1)
     cfg = QUICK if args.quick else SETTINGS
     global CONFIGS
     if args.only:
         CONFIGS = [CONFIGS[i] for i in args.only]
     run_dir = Path(args.run_dir)
-    rows = run(cfg, run_dir)
+    rows = run(cfg, run_dir, device)
     (run_dir / "results.json").write_text(json.dumps(rows, indent=1))
     print(table(rows))
     if not args.quick and not args.only:

@@ -40,6 +40,7 @@ from defenses.attacks.detector_training import TRAIN_ATTACKS, craft, detection_a
 from defenses.saliency.detector_net import (DetectorCNN, batched, detector_input,  # noqa: E402
                                            detector_pass, input_channels)
 from defenses.saliency_detector import DETECTORS, SaliencyDetector  # noqa: E402
+from orchestrator.cli import BadInput, add_device_options, complain, device_of  # noqa: E402
 
 EPS = 0.3
 FPR = 0.05
@@ -62,16 +63,17 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def setup_base(out: Path):
+def setup_base(out: Path, device: torch.device):
     from orchestrator.training import ensure_base
     from orchestrator.spec import parse
     from defenses.core.base import BaseModelRequest
 
     spec = parse(SPEC)
-    base = ensure_base(spec, BaseModelRequest("standard"), out / "run", torch.device("cpu"))
+    base = ensure_base(spec, BaseModelRequest("standard"), out / "run", device)
     # as in a trial: the validation split (the threshold's images) is the last of the seeded
     # order, the classifier trained on the first 2000
     data = data_lib.hold_out_validation(data_lib.load("mnist5k", seed=spec.seed), spec.validation_samples)
+    data = data.to(device)
     train = dataclasses.replace(data, train_x=data.train_x[HOLDOUT:2000], train_y=data.train_y[HOLDOUT:2000])
     holdout = (data.train_x[:HOLDOUT], data.train_y[:HOLDOUT])
     return base, train, holdout
@@ -79,15 +81,15 @@ def setup_base(out: Path):
 
 def make_defense(hp: dict, base: Path, train) -> SaliencyDetector:
     cls = SaliencyDetector
-    model = models.build("small_cnn", 10, 1)
+    model = models.build("small_cnn", 10, 1).to(train.train_x.device)  # on the data's device
     defense = cls(model, cls.make_params(hp), ThreatModel(eps=EPS))
     defense.setup(train, base)
     return defense
 
 
-def cached_tensor(path: Path, build):
+def cached_tensor(path: Path, build, device: torch.device):
     if path.is_file():
-        return torch.load(path, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True)
     t = build()
     torch.save(t, path)
     return t
@@ -103,9 +105,10 @@ def adversarial_sets(out: Path, model, pool, test) -> dict[str, dict[str, torch.
         t0 = time.perf_counter()
         entry = {}
         if name != "jsma":
-            entry["pool"] = cached_tensor(out / f"adv-{name}-pool.pt", lambda: craft(attack, *pool))
+            entry["pool"] = cached_tensor(out / f"adv-{name}-pool.pt", lambda: craft(attack, *pool), pool[0].device)
         n = N_JSMA if name == "jsma" else N_TEST
-        entry["test"] = cached_tensor(out / f"adv-{name}-test.pt", lambda: craft(attack, test[0][:n], test[1][:n]))
+        entry["test"] = cached_tensor(out / f"adv-{name}-test.pt", lambda: craft(attack, test[0][:n], test[1][:n]),
+                                      test[0].device)
         sets[name] = entry
         log(f"adversarial sets {name}: {time.perf_counter() - t0:.0f}s")
     return sets
@@ -125,11 +128,11 @@ def perturbation_stats(x, adv, fooled) -> dict[str, float]:
 
 def train_matrix_detector(kind: str, clean_in: torch.Tensor, adv_in: torch.Tensor) -> DetectorCNN:
     torch.manual_seed(0)
-    net = DetectorCNN(input_channels(kind, 1), 28, 28)
+    net = DetectorCNN(input_channels(kind, 1), 28, 28).to(clean_in.device)
     net.fit_scaling(clean_in)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     inputs = torch.cat([clean_in, adv_in])
-    labels = torch.cat([torch.zeros(len(clean_in)), torch.ones(len(adv_in))])
+    labels = torch.cat([torch.zeros(len(clean_in)), torch.ones(len(adv_in))]).to(clean_in.device)
     g = torch.Generator().manual_seed(0)
     for _ in range(MATRIX_EPOCHS):
         detector_pass(net, opt, inputs, labels, 100, g)
@@ -143,7 +146,7 @@ def matrix(out: Path, base: Path, train) -> dict:
     spd = make_defense({"detector": "spd"}, base, train)   # trains / loads the cached masking model
     model, masker = spd.model, spd.masker
     pool = (spd.train_x[:N_POOL], spd.train_y[:N_POOL])
-    data = data_lib.load("mnist5k")
+    data = data_lib.load("mnist5k").to(pool[0].device)
     test = (data.test_x[:N_TEST], data.test_y[:N_TEST])
     sets = adversarial_sets(out, model, pool, test)
     fooled = {name: {"pool": fooled_mask(model, *pool, s["pool"]) if "pool" in s else None,
@@ -184,7 +187,7 @@ def matrix(out: Path, base: Path, train) -> dict:
 def robust(out: Path, base: Path, train, holdout) -> dict:
     path = out / "robust.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
-    data = data_lib.load("mnist5k")
+    data = data_lib.load("mnist5k").to(train.train_x.device)
     x, y = data.test_x[:N_EVAL], data.test_y[:N_EVAL]
     if "classifier" not in results:
         model = make_defense({"detector": "id"}, base, train).model
@@ -301,11 +304,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/saliency_detector_exp"))
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "saliency_detector.md")
     parser.add_argument("--skip-robust", action="store_true", help="only the detection matrix")
+    add_device_options(parser, threads=1)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    try:
+        device = device_of(args)
+    except BadInput as e:
+        sys.exit(complain(parser.prog, str(e)))
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    base, train, holdout = setup_base(args.out)
+    base, train, holdout = setup_base(args.out, device)
     m = matrix(args.out, base, train)
     body = matrix_markdown(m)
     if not args.skip_robust:

@@ -27,6 +27,7 @@ from defenses.core import models as model_lib  # noqa: E402
 from defenses.core import registry  # noqa: E402
 from defenses.core.base import BaseModelRequest  # noqa: E402
 from defenses.evaluation.benchmark import benchmark  # noqa: E402
+from orchestrator.cli import BadInput, add_device_options, complain, device_of, trial_resources  # noqa: E402
 from orchestrator.training import ensure_base  # noqa: E402
 from orchestrator.spec import parse  # noqa: E402
 from orchestrator.trial import LocalReporter, run_trial  # noqa: E402
@@ -66,19 +67,20 @@ def method_rows() -> list[tuple[str, str, dict]]:
             for m in ("gradient", "guided_backprop", "smoothgrad", "integrated_gradients", "grad_cam_pp_box")]
 
 
-def make_spec(args):
+def make_spec(args, device: torch.device):
     # run_trial's own evaluation is FGSM only (cheap); the real evaluation is done here, at two ε
     return parse({"name": "sat-exp", "dataset": "mnist5k", "model": "small_cnn", "epochs": args.epochs,
                   "train_samples": args.train, "eval_samples": 50, "batch_size": 100,
                   "optimizer": {"name": "adam", "lr": 1e-3},
                   "threat_model": {"eps": 0.3, "attacks": ["fgsm"], "train_steps": args.train_steps},
-                  "defenses": ["sat", "standard", "pgd_at", "trades"]})
+                  "defenses": ["sat", "standard", "pgd_at", "trades"],
+                  "resources": trial_resources(device, args.threads)})
 
 
-def train(spec, run_dir: Path, label: str, defense: str, hp: dict | None) -> dict:
+def train(spec, run_dir: Path, label: str, defense: str, hp: dict | None, device: torch.device) -> dict:
     """Train one row; base-model rows are the orchestrator's cached teachers themselves."""
     if hp is None:
-        path = ensure_base(spec, BaseModelRequest(defense=defense), run_dir, torch.device("cpu"))
+        path = ensure_base(spec, BaseModelRequest(defense=defense), run_dir, device)
         state = torch.load(path, map_location="cpu", weights_only=True)
         return {"checkpoint": str(path), "train_seconds": float(state["train_seconds"]),
                 "saliency_seconds": 0.0, "hp": {}}
@@ -93,7 +95,7 @@ def train(spec, run_dir: Path, label: str, defense: str, hp: dict | None) -> dic
 
 def evaluate(spec, defense: str, hp: dict, checkpoint: str, x, y, eps: float, attacks: list[str]) -> dict:
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    model = model_lib.build("small_cnn", 10, 1)
+    model = model_lib.build("small_cnn", 10, 1).to(x.device)
     model.load_state_dict(state["model"])
     cls = registry.get(defense)
     guard = cls(model.eval(), cls.make_params(hp), spec.threat_model.threat_model())
@@ -102,14 +104,14 @@ def evaluate(spec, defense: str, hp: dict, checkpoint: str, x, y, eps: float, at
     return {"clean": r.clean_acc, "robust": r.robust_acc, "acc": r.acc, "seconds": r.seconds, "n": r.n}
 
 
-def run_rows(rows, spec, args, results: dict, store: Path, square: bool) -> None:
+def run_rows(rows, spec, args, results: dict, store: Path, device: torch.device, square: bool) -> None:
     data = data_lib.load("mnist5k")
-    x, y = data_lib.as_float(data.test_x[:args.eval]), data.test_y[:args.eval]
+    x, y = data_lib.as_float(data.test_x[:args.eval], device), data.test_y[:args.eval].to(device)
     for label, defense, hp in rows:
         if label in results:
             continue
         t0 = time.time()
-        row = train(spec, args.run_dir, label, defense, hp)
+        row = train(spec, args.run_dir, label, defense, hp, device)
         for eps in EVAL_EPS:
             row[f"eps{eps}"] = evaluate(spec, defense, row["hp"], row["checkpoint"], x, y, eps, ATTACKS)
         if square and args.square:
@@ -161,17 +163,21 @@ def main() -> None:
     p.add_argument("--methods", action="store_true", help="also compare the saliency methods")
     p.add_argument("--run-dir", type=Path, default=Path("/tmp/sat_exp"))
     p.add_argument("--out", default="docs/sat.md")
+    add_device_options(p, threads=1)
     args = p.parse_args()
-    torch.set_num_threads(1)
+    try:
+        device = device_of(args)
+    except BadInput as e:
+        sys.exit(complain(p.prog, str(e)))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.run_dir.mkdir(parents=True, exist_ok=True)
     store = args.run_dir / "results.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
-    spec = make_spec(args)
-    run_rows(comparison_rows(), spec, args, results, store, square=True)
-    run_rows(sweep_rows(), spec, args, results, store, square=False)
+    spec = make_spec(args, device)
+    run_rows(comparison_rows(), spec, args, results, store, device, square=True)
+    run_rows(sweep_rows(), spec, args, results, store, device, square=False)
     if args.methods:
-        run_rows(method_rows(), spec, args, results, store, square=False)
+        run_rows(method_rows(), spec, args, results, store, device, square=False)
     sweep = [(f"α = {a:.3g}", sweep_label(a, CENTER["eps0"])) for a in ALPHAS]
     sweep += [(f"ε₀ = {e:g}", sweep_label(CENTER["alpha"], e)) for e in EPS0S]
     text = "\n\n".join([

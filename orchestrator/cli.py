@@ -57,3 +57,14 @@ def device_of(args: argparse.Namespace):
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise BadInput(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def trial_resources(device, threads: int) -> dict:
+    """A spec's ``resources`` that make ``run_trial`` train on ``device`` (from ``device_of``)
+    with ``threads``: it sets its threads from cpus_per_trial and, holding a GPU, takes the
+    current CUDA device (set here to ``device``'s index when it names one)."""
+    import torch
+
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return {"cpus_per_trial": threads, "gpus_per_trial": 1.0 if device.type == "cuda" else 0.0}
