@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from defenses.core import data as data_lib  # noqa: E402
 from defenses.attacks import PGD  # noqa: E402
 from defenses.evaluation.benchmark import benchmark  # noqa: E402
-from orchestrator.cli import BadInput, add_device_options, complain, device_of  # noqa: E402
+from orchestrator.cli import add_device_options, parse_with_device  # noqa: E402
 from orchestrator.spec import parse  # noqa: E402
 from orchestrator.training import build_setup, train  # noqa: E402
 
@@ -42,11 +42,7 @@ def main() -> None:
                    help="reduced budgets (APGD 50 steps, 3 targets, Square 500) or AutoAttack's own")
     p.add_argument("--run-dir", default="runs/aa_sanity")
     add_device_options(p, threads=1)
-    args = p.parse_args()
-    try:
-        device = device_of(args)
-    except BadInput as e:
-        sys.exit(complain(p.prog, str(e)))
+    args, device = parse_with_device(p)
     spec = parse({"name": "aa-sanity", "dataset": "mnist5k", "model": "small_cnn",
                   "epochs": args.epochs, "batch_size": 100, "optimizer": {"name": "adam", "lr": args.lr, "schedule": args.schedule},
                   "threat_model": {"eps": 0.3, "attacks": ["pgd-40"], "train_steps": args.train_steps},

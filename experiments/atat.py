@@ -30,7 +30,7 @@ from defenses.core.base import NoParams, ThreatModel  # noqa: E402
 from defenses.evaluation.benchmark import benchmark  # noqa: E402
 from defenses.pgd_at import PGDAT, PGDATParams  # noqa: E402
 from defenses.standard import Standard  # noqa: E402
-from orchestrator.cli import BadInput, add_device_options, complain, device_of, trial_resources  # noqa: E402
+from orchestrator.cli import add_device_options, parse_with_device, trial_resources  # noqa: E402
 from orchestrator.spec import parse  # noqa: E402
 from orchestrator.trial import LocalReporter, run_trial  # noqa: E402
 from orchestrator.training import CHECKPOINT_FILE  # noqa: E402
@@ -261,11 +261,7 @@ def main() -> None:
     p.add_argument("--run-dir", default="runs/atat_experiment")
     p.add_argument("--doc", default="docs/atat.md")
     add_device_options(p, threads=1)
-    args = p.parse_args()
-    try:
-        device = device_of(args)
-    except BadInput as e:
-        sys.exit(complain(p.prog, str(e)))
+    args, device = parse_with_device(p)
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "results.json"

@@ -38,7 +38,7 @@ from defenses.evaluation import benchmark as eval_lib  # noqa: E402
 from defenses.core import registry  # noqa: E402
 from defenses.core.base import BaseModelRequest  # noqa: E402
 from defenses.evaluation.detection import craft, detection_report  # noqa: E402
-from orchestrator.cli import BadInput, add_device_options, complain, device_of  # noqa: E402
+from orchestrator.cli import add_device_options, parse_with_device  # noqa: E402
 from orchestrator.training import ensure_base  # noqa: E402
 from orchestrator.evaluate import eval_data, restore  # noqa: E402
 from orchestrator.spec import SweepSpec, parse  # noqa: E402
@@ -360,11 +360,7 @@ def main() -> None:
     p.add_argument("--only", choices=["sanity", "ledger"], default=None)
     p.add_argument("--out", default="docs/claims.md")
     add_device_options(p, threads=1)
-    args = p.parse_args()
-    try:
-        device = device_of(args)
-    except BadInput as e:
-        sys.exit(complain(p.prog, str(e)))
+    args, device = parse_with_device(p)
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     sp = spec(run_dir)

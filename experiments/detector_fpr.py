@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from defenses.core import data as data_lib  # noqa: E402
 from defenses.attacks import frozen_eval  # noqa: E402
 from defenses.core.base import predict_labels  # noqa: E402
-from orchestrator.cli import BadInput, add_device_options, device_of  # noqa: E402
+from orchestrator.cli import add_device_options, parse_with_device  # noqa: E402
 from orchestrator.evaluate import load_spec_file, local_checkpoint, restore  # noqa: E402
 from orchestrator.records import load_records  # noqa: E402
 from orchestrator.spec import load, parse  # noqa: E402
@@ -39,11 +39,7 @@ def main() -> None:
     p.add_argument("--checkpoints", action="store_true",
                    help="measure the run's own trials (their checkpoints) instead of retraining")
     add_device_options(p, threads=2)
-    args = p.parse_args()
-    try:
-        device = device_of(args)
-    except BadInput as e:
-        p.error(str(e))
+    args, device = parse_with_device(p)
     raw = load(preset=args.preset).model_dump()
     if args.validation_samples is not None:
         raw["validation_samples"] = args.validation_samples

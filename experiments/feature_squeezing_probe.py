@@ -24,7 +24,7 @@ import torchattacks  # noqa: E402
 from defenses.attacks import frozen_eval  # noqa: E402
 from defenses.core.base import predict_labels  # noqa: E402
 from defenses.feature_squeezing import bit_depth  # noqa: E402
-from orchestrator.cli import BadInput, add_device_options, complain, device_of  # noqa: E402
+from orchestrator.cli import add_device_options, parse_with_device  # noqa: E402
 from orchestrator.evaluate import eval_data, load_spec_file, local_checkpoint, restore  # noqa: E402
 
 
@@ -74,11 +74,7 @@ def main() -> None:
     p.add_argument("trial_id")
     p.add_argument("queries", type=int, help="Square's queries")
     add_device_options(p, threads=1)
-    args = p.parse_args()
-    try:
-        device = device_of(args)
-    except BadInput as e:
-        sys.exit(complain(p.prog, str(e)))
+    args, device = parse_with_device(p)
     spec = load_spec_file(args.run / "spec.json")
     records = [json.loads(f.read_text()) for f in (args.run / "records").glob("*.json")]
     r = [x for x in records if x["trial_id"] == args.trial_id][0]

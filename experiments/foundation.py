@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from orchestrator.cli import BadInput, add_device_options, complain, device_of, trial_resources  # noqa: E402
+from orchestrator.cli import add_device_options, parse_with_device, trial_resources  # noqa: E402
 from orchestrator.spec import parse  # noqa: E402
 from orchestrator.trial import run_trial  # noqa: E402
 
@@ -33,11 +33,7 @@ def main() -> None:
     p.add_argument("--out", default="docs/foundation.md")
     # 1 thread by default: run_trial sets cpus_per_trial's (1) over the 2 this script used to set
     add_device_options(p, threads=1)
-    args = p.parse_args()
-    try:
-        device = device_of(args)
-    except BadInput as e:
-        sys.exit(complain(p.prog, str(e)))
+    args, device = parse_with_device(p)
     attacks = ["fgsm", "pgd-40", "pgd_cw-40"] + (["autoattack"] if args.autoattack else [])
     spec = spec_for(args.epochs, attacks, args.train_steps, trial_resources(device, args.threads))
     rows = []

@@ -27,7 +27,7 @@ from defenses.core import models as model_lib  # noqa: E402
 from defenses.core import registry  # noqa: E402
 from defenses.core.base import BaseModelRequest  # noqa: E402
 from defenses.evaluation.benchmark import benchmark  # noqa: E402
-from orchestrator.cli import BadInput, add_device_options, complain, device_of, trial_resources  # noqa: E402
+from orchestrator.cli import add_device_options, parse_with_device, trial_resources  # noqa: E402
 from orchestrator.training import ensure_base  # noqa: E402
 from orchestrator.spec import parse  # noqa: E402
 from orchestrator.trial import LocalReporter, run_trial  # noqa: E402
@@ -164,11 +164,7 @@ def main() -> None:
     p.add_argument("--run-dir", type=Path, default=Path("/tmp/sat_exp"))
     p.add_argument("--out", default="docs/sat.md")
     add_device_options(p, threads=1)
-    args = p.parse_args()
-    try:
-        device = device_of(args)
-    except BadInput as e:
-        sys.exit(complain(p.prog, str(e)))
+    args, device = parse_with_device(p)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.run_dir.mkdir(parents=True, exist_ok=True)
     store = args.run_dir / "results.json"

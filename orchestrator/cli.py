@@ -59,6 +59,16 @@ def device_of(args: argparse.Namespace):
     return device
 
 
+def parse_with_device(parser: argparse.ArgumentParser, argv=None):
+    """(args, torch.device) of a script given ``add_device_options``; a device this process
+    cannot use is one line and exit code 2, before anything is loaded."""
+    args = parser.parse_args(argv)
+    try:
+        return args, device_of(args)
+    except BadInput as e:
+        sys.exit(complain(parser.prog, str(e)))
+
+
 def trial_resources(device, threads: int) -> dict:
     """A spec's ``resources`` that make ``run_trial`` train on ``device`` (from ``device_of``)
     with ``threads``: it sets its threads from cpus_per_trial and, holding a GPU, takes the
