@@ -79,10 +79,15 @@ def main() -> None:
     command = (f"python experiments/distributed.py --train-samples {args.train_samples} --epochs {args.epochs} "
                f"--batch-size {args.batch_size} --train-steps {args.train_steps}")
     text = TEMPLATE.format(command=command, table="\n".join(lines), args=args, cpus=os.cpu_count())
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    if out.is_file() and KEPT in out.read_text():
+        # the measured section is regenerated; what later sessions wrote after it is kept
+        text = text[:text.index(KEPT)] + out.read_text()[out.read_text().index(KEPT):]
+    out.write_text(text)
     print(text)
 
 
+KEPT = "## How a data-parallel trial runs"
 TEMPLATE = """# Distributed trials
 
 ## Scaling on this machine
@@ -118,7 +123,8 @@ measurement of fractional-GPU packing.
   adversarial examples of its share; before each optimizer step the gradients are combined as
   Σ_r (n_r / n) g_r in one all-reduce (the gradient of the global batch for a per-batch mean
   loss); rank 0's BatchNorm buffers are broadcast after each step; metrics are averaged over
-  the ranks and a stop requested by any rank stops them all; rank 0 checkpoints and evaluates.
+  the ranks and a stop requested by any rank stops them all; rank 0 checkpoints; every rank
+  evaluates its share of the test points.
 * Not `DistributedDataParallel`: adversarial training calls the model in ways DDP's reducer
   cannot follow (an input gradient in train mode for FGSM-RS, two forwards before one backward
   for TRADES, K frozen forwards for PGD, BatchNorm re-estimation under `no_grad` for SAD).
