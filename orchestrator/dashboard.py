@@ -85,10 +85,15 @@ class Dashboard(Callback):
 
     def __init__(self, total_trials: int, cpus_per_trial: float, gpus_per_trial: float,
                  cluster_cpus: float, cluster_gpus: float, console: Console | None = None,
-                 live: bool | None = None):
+                 live: bool | None = None,
+                 per_defense: dict[str, tuple[float, float]] | None = None):
+        """``per_defense``: (CPUs, GPUs) one trial of that defense holds, where it differs from
+        ``cpus_per_trial``/``gpus_per_trial`` (``defenses.<d>.resources``, ``gpu_shares``):
+        the header adds up what the running trials hold."""
         self.total_trials = total_trials
         self.cpus_per_trial = cpus_per_trial
         self.gpus_per_trial = gpus_per_trial
+        self.per_defense = dict(per_defense or {})
         self.cluster_cpus = cluster_cpus
         self.cluster_gpus = cluster_gpus
         self.console = console or Console()
@@ -110,10 +115,10 @@ class Dashboard(Callback):
     # and a Live display cannot be pickled, so only the settings travel.
     def __getstate__(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("total_trials", "cpus_per_trial", "gpus_per_trial",
-                                              "cluster_cpus", "cluster_gpus", "live")}
+                                              "cluster_cpus", "cluster_gpus", "live", "per_defense")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"per_defense": {}, **state})  # pickled before per_defense existed
         self.console = Console()
         self._clock = time.monotonic
         self._init_state()
@@ -338,6 +343,8 @@ class Dashboard(Callback):
         done = self._count(COMPLETED) + self._count(STOPPED)
         # one Tune run holds every defense's trials: name those running now
         with self._lock:
+            held = [self.per_defense.get(r.defense, (self.cpus_per_trial, self.gpus_per_trial))
+                    for r in self._rows.values() if r.status == RUNNING]
             now = sorted({r.defense for r in self._rows.values() if r.status == RUNNING})
         return Text.assemble(
             "running ", (", ".join(now) or "—", "bold"),
@@ -345,8 +352,8 @@ class Dashboard(Callback):
             "  ETA ", ("—" if eta is None else _clock_text(eta), "bold"),
             "  trials ", (f"done {done}", "green"), " · ", (f"running {running}", "cyan"),
             " · ", (f"failed {self._count(FAILED)}", "red"), f" · total {self.total_trials}",
-            f"  CPU {_fmt(running * self.cpus_per_trial)}/{_fmt(self.cluster_cpus)}",
-            f"  GPU {_fmt(running * self.gpus_per_trial)}/{_fmt(self.cluster_gpus)}",
+            f"  CPU {_fmt(sum(c for c, _ in held))}/{_fmt(self.cluster_cpus)}",
+            f"  GPU {_fmt(sum(g for _, g in held))}/{_fmt(self.cluster_gpus)}",
         )
 
     def _shown_rows(self) -> tuple[list[_Row], int]:

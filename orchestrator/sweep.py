@@ -364,9 +364,11 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
 
     r = spec.resources
     console = Console()
+    own = {d: spec.resources_for(d) for d in spec.defenses}
     board = Dashboard(spec.total_trials(), r.trial_cpus(), r.trial_gpus(),
                       cap["cpus"], cap["gpus"], console=console,
-                      live=None if dashboard_on else False)
+                      live=None if dashboard_on else False,
+                      per_defense={d: (o.trial_cpus(), o.trial_gpus()) for d, o in own.items()})
     for defense in spec.defenses:
         board.begin_defense(defense, list(getattr(space_module(defense), "KEY_HPARAMS", [])))
     interrupted = False

@@ -96,6 +96,21 @@ def test_repeated_end_events_print_once_and_keep_the_first_reason():
     assert len(lines) == 1 and "t1 failed: ValueError: lr < 0" in lines[0]
 
 
+def test_header_adds_up_each_running_defense_s_own_resources():
+    """A defense with its own resources (defenses.<d>.resources, gpu_shares) counts what its
+    trials hold, not the spec-wide figure."""
+    dash, _, clock = make(live=True)
+    dash.per_defense = {"feature_squeezing": (1, 0.25)}
+    dash.begin_defense("pgd_at", ["lr"])
+    dash.trial_started("p0", "pgd_at", {"lr": 0.1})
+    dash.trial_started("f0", "feature_squeezing", {"bit_depth": 1})
+    dash.trial_started("f1", "feature_squeezing", {"bit_depth": 2})
+    for tid in ("p0", "f0", "f1"):
+        dash.trial_progress(tid, epoch(1))
+    header = " ".join(text_of(dash).split("\n\n")[0].split())  # the header wraps at 120 columns
+    assert "running 3" in header and "CPU 4/8" in header and "GPU 1/2" in header, header
+
+
 def test_live_render_shows_trials_flags_front_and_failures():
     dash, console, clock = make(live=True)
     drive(dash, clock)
