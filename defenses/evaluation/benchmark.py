@@ -418,9 +418,11 @@ def _cascades(defense: Defense, data: tuple[torch.Tensor, torch.Tensor], spec: E
         lo, hi = shard_bounds(n, shard.rank, shard.world)
         earlier = _at(known, eps)
         torch.manual_seed(spec.seed + shard.rank)  # the attacks' random starts
-        part = benchmark(defense, x[lo:hi], y[lo:hi], eps, spec.attacks, spec.batch_size,
-                         spec.adaptive, norm=spec.norm,
-                         known=None if earlier is None else earlier[lo:hi])
+        part = None  # a rank with no points still joins the gather
+        if hi > lo:
+            part = benchmark(defense, x[lo:hi], y[lo:hi], eps, spec.attacks, spec.batch_size,
+                             spec.adaptive, norm=spec.norm,
+                             known=None if earlier is None else earlier[lo:hi])
         results[eps] = part if shard.world == 1 else merge_results(shard.gather(part))
         log.info("ε=%s: clean %.4f robust %.4f (%s)", eps_label(eps), results[eps].clean_acc,
                  results[eps].robust_acc, results[eps].robust_attack)

@@ -23,10 +23,12 @@ class EvalResult:
     robust_mask: torch.Tensor | None = None  # bool per input: survived every attack (CPU)
 
 
-def merge_results(parts: list[EvalResult]) -> EvalResult:
+def merge_results(parts: list[EvalResult | None]) -> EvalResult:
     """One ε's result over disjoint, consecutive shares of the points (rank order), as if one
     process had run the cascade on all of them: counts add, accuracies are the shares' means
-    weighted by their sizes, masks concatenate. Every part ran the same cascade."""
+    weighted by their sizes, masks concatenate. Every part ran the same cascade; None is a
+    rank that had no points (fewer points than ranks) and adds nothing."""
+    parts = [p for p in parts if p is not None]
     n = sum(p.n for p in parts)
 
     def mean(values: list[float]) -> float:
