@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ray.tune import Callback
 from rich import box
@@ -86,10 +86,13 @@ class Dashboard(Callback):
     def __init__(self, total_trials: int, cpus_per_trial: float, gpus_per_trial: float,
                  cluster_cpus: float, cluster_gpus: float, console: Console | None = None,
                  live: bool | None = None,
-                 per_defense: dict[str, tuple[float, float]] | None = None):
+                 per_defense: dict[str, tuple[float, float]] | None = None,
+                 objectives: Sequence[str] = ("clean_acc", "robust_acc")):
         """``per_defense``: (CPUs, GPUs) one trial of that defense holds, where it differs from
         ``cpus_per_trial``/``gpus_per_trial`` (``defenses.<d>.resources``, ``gpu_shares``):
-        the header adds up what the running trials hold."""
+        the header adds up what the running trials hold. ``objectives``: the sweep's, which
+        the front is taken on (a ``cost`` objective adds its column to the front table)."""
+        self.objectives = list(objectives)
         self.total_trials = total_trials
         self.cpus_per_trial = cpus_per_trial
         self.gpus_per_trial = gpus_per_trial
@@ -115,10 +118,12 @@ class Dashboard(Callback):
     # and a Live display cannot be pickled, so only the settings travel.
     def __getstate__(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("total_trials", "cpus_per_trial", "gpus_per_trial",
-                                              "cluster_cpus", "cluster_gpus", "live", "per_defense")}
+                                              "cluster_cpus", "cluster_gpus", "live", "per_defense",
+                                              "objectives")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"per_defense": {}, **state})  # pickled before per_defense existed
+        # pickled before per_defense or objectives existed: their defaults
+        self.__dict__.update({"per_defense": {}, "objectives": ["clean_acc", "robust_acc"], **state})
         self.console = Console()
         self._clock = time.monotonic
         self._init_state()
@@ -276,8 +281,7 @@ class Dashboard(Callback):
             from orchestrator.aggregate import pareto_front
             import pandas as pd
 
-            front = pareto_front(pd.DataFrame([r.to_row() for r in done]),
-                                 objectives=["clean_acc", "robust_acc"])
+            front = pareto_front(pd.DataFrame([r.to_row() for r in done]), objectives=self.objectives)
             self._front_ids = list(front.sort_values("robust_acc", ascending=False)["trial_id"])
         except Exception:   # keep the last front; the trial's own line must still appear
             logger.exception("dashboard: Pareto front not updated")
@@ -320,8 +324,10 @@ class Dashboard(Callback):
             return f"{head} stopped ({row.reason}) {tail}"
         attack = f" ({row.attack})" if row.attack else ""
         flags = " ".join(f"flag:{k}" for k, v in sorted(row.flags.items()) if v)
+        cost = f" cost={row.record.cost:.1f} {row.record.cost_unit}" \
+            if "cost" in self.objectives and row.record is not None else ""
         return (f"{head} completed clean={_pct(row.clean, row.n)} robust={_pct(row.robust, row.n)}{attack}"
-                f" {tail}" + (f" {flags}" if flags else ""))
+                f"{cost} {tail}" + (f" {flags}" if flags else ""))
 
     # ---------------------------------------------------------------- view
     def render(self) -> RenderableType:
@@ -400,15 +406,19 @@ class Dashboard(Callback):
         return "flags: " + ", ".join(f"{_flag_marker(n)[0]} = {n}" for n in names)
 
     def _front_table(self) -> Table:
-        table = Table(title="Pareto front (clean vs robust)", title_justify="left",
+        cost = "cost" in self.objectives
+        table = Table(title=f"Pareto front ({' vs '.join(self.objectives)})", title_justify="left",
                       box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True, pad_edge=False)
-        for name in ("trial", "defense", "hyperparameters", "clean", "robust", "flags"):
+        numbers = ("clean", "robust", "cost")
+        for name in ("trial", "defense", "hyperparameters", "clean", "robust", *(("cost",) if cost else ()),
+                     "flags"):
             table.add_column(name, no_wrap=True, overflow="ellipsis",
-                             justify="right" if name in ("clean", "robust") else "left")
+                             justify="right" if name in numbers else "left")
         for tid in self._front_ids:
             r = self._rows[tid]
+            spent = (f"{r.record.cost:.0f} {r.record.cost_unit}",) if cost and r.record else ("",) * cost
             table.add_row(tid, r.defense, self._hp_text(r), _pct(r.clean, r.n),
-                          _pct(r.robust, r.n) + (f" ({r.attack})" if r.attack else ""),
+                          _pct(r.robust, r.n) + (f" ({r.attack})" if r.attack else ""), *spent,
                           _flag_markers(r.flags, r.defense))
         return table
 

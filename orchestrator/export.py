@@ -32,15 +32,17 @@ from matplotlib.figure import Figure
 
 from defenses.core.cache import atomic_write
 from orchestrator.aggregate import (DEFAULT_OBJECTIVES, ci_columns, curve_columns, flagged_mask,
-                                    fronts_by_eps, knee, on_front_within_ci, pareto_front,
-                                    with_suspect)
+                                    fronts_by_eps, knee, objective_signs, on_front_within_ci,
+                                    pareto_front, with_suspect)
 from orchestrator.records import COMPLETED, iso_utc, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VERSIONED_PACKAGES = ("torch", "ray", "optuna", "pandas", "numpy")
-AXIS_LABELS = {"clean_acc": "clean accuracy", "robust_acc": "robust accuracy (worst attack)"}
+AXIS_LABELS = {"clean_acc": "clean accuracy", "robust_acc": "robust accuracy (worst attack)",
+               "cost": "cost (device-seconds of training and evaluation)"}
+SIZE_RANGE = (12.0, 160.0)  # marker areas of the cheapest and the costliest trial
 # trials.csv: off the front, but within its 95 % intervals of a front member that dominates it
 WITHIN_CI_COLUMN = "on_front_within_ci"
 
@@ -72,13 +74,17 @@ def _one_type_per_column(df: pd.DataFrame) -> pd.DataFrame:
 def pareto_table(trials: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES,
                  exclude_flagged: bool = False) -> pd.DataFrame:
     """The front rows of ``trials`` with an ``is_knee`` column (exactly one True when the
-    front is non-empty), best last-objective first: for the default objectives, robust_acc
-    descending then clean_acc descending. ``trials`` must have a unique index."""
+    front is non-empty), ordered by the maximized objectives from the last (best first), then
+    the minimized ones (least first): for the default objectives robust_acc descending then
+    clean_acc descending, and so again with ``cost`` added (cheapest last among equals).
+    ``trials`` must have a unique index."""
     front = pareto_front(trials, objectives, exclude_flagged=exclude_flagged)
     front = front.assign(is_knee=False)
     if not front.empty:
         front.loc[knee(front, objectives), "is_knee"] = True
-    return front.sort_values(list(objectives)[::-1], ascending=False, kind="stable")
+    signs = dict(zip(objectives, objective_signs(objectives)))
+    keys = [o for o in objectives[::-1] if signs[o] > 0] + [o for o in objectives if signs[o] < 0]
+    return front.sort_values(keys, ascending=[signs[o] < 0 for o in keys], kind="stable")
 
 
 def pareto_by_eps_table(trials: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES,
@@ -102,10 +108,11 @@ def pareto_by_eps_table(trials: pd.DataFrame, objectives: Sequence[str] = DEFAUL
 def write_pareto_png(trials: pd.DataFrame, table: pd.DataFrame, path: str | Path,
                      objectives: Sequence[str] = DEFAULT_OBJECTIVES,
                      exclude_flagged: bool = False) -> Path:
-    """Scatter of completed trials (first objective on x, second on y) coloured by defense,
-    suspect trials as crosses, the front as a staircase and the knee as a star: one panel for
-    ``table`` (the primary ε), or, when the trials carry a robustness curve, one panel per ε
-    with that ε's front."""
+    """Scatter of completed trials coloured by defense, suspect trials as crosses, the front as
+    a staircase (two maximized objectives) or ringed points, and the knee as a star: one panel
+    for ``table`` (the primary ε), or, when the trials carry a robustness curve, one panel per
+    ε with that ε's front. The axes are the first two maximized objectives; a third objective
+    (``cost``) is the markers' size, from the cheapest trial (smallest) to the costliest."""
     panels = _panels(trials, table, objectives, exclude_flagged)
     fig = Figure(figsize=(8 + 5 * (len(panels) - 1), 5.5), dpi=120)
     FigureCanvasAgg(fig)
@@ -132,26 +139,56 @@ def _panels(trials: pd.DataFrame, table: pd.DataFrame, objectives: Sequence[str]
             for eps, (objs, _) in curve.items()]
 
 
+def _plot_axes(objectives: Sequence[str]) -> tuple[str, str, str | None]:
+    """(x, y, size) columns: the maximized objectives first, in the spec's order; the third
+    objective, if any, is the marker size."""
+    signs = objective_signs(objectives)
+    ordered = [o for o, sg in zip(objectives, signs) if sg > 0] + \
+              [o for o, sg in zip(objectives, signs) if sg < 0]
+    return ordered[0], ordered[1], (ordered[2] if len(ordered) > 2 else None)
+
+
 def _draw_panel(ax: Axes, trials: pd.DataFrame, front: pd.DataFrame, objectives: Sequence[str],
                 title: str) -> None:
-    x_col, y_col = objectives[0], objectives[1]
-    done = trials[(trials["status"] == COMPLETED) & trials[[x_col, y_col]].notna().all(axis=1)] \
+    x_col, y_col, size_col = _plot_axes(objectives)
+    done = trials[(trials["status"] == COMPLETED) & trials[list(objectives)].notna().all(axis=1)] \
         if not trials.empty else trials
     if done.empty:
         ax.text(0.5, 0.5, "no completed trials", ha="center", va="center",
                 transform=ax.transAxes, fontsize="large")
     else:
-        _draw_trials(ax, done, x_col, y_col)
-        _draw_front(ax, front, x_col, y_col, staircase=len(objectives) == 2)
+        sizes = _marker_sizes(done, size_col)
+        _draw_trials(ax, done, x_col, y_col, sizes)
+        _draw_front(ax, front, x_col, y_col,
+                    staircase=len(objectives) == 2 and bool((objective_signs(objectives) > 0).all()))
         ax.grid(alpha=0.3)
     ax.set_xlabel(AXIS_LABELS.get(x_col, x_col))
     ax.set_ylabel(AXIS_LABELS.get(y_col, f"robust accuracy at {title}" if title else y_col))
     head = f"{title}: " if title else ""
-    ax.set_title(f"{head}{len(done)} completed trials, {len(front)} on the Pareto front",
+    sized = "" if size_col is None or done.empty else \
+        f"\nmarker size: {size_col}, {_span_text(done, size_col)}"
+    ax.set_title(f"{head}{len(done)} completed trials, {len(front)} on the Pareto front{sized}",
                  fontsize="medium")
 
 
-def _draw_trials(ax: Axes, done: pd.DataFrame, x_col: str, y_col: str) -> None:
+def _marker_sizes(done: pd.DataFrame, size_col: str | None) -> pd.Series:
+    """Marker areas: 28 for every trial, or, with a third objective, its value scaled
+    linearly from SIZE_RANGE's smallest (least) to its largest (most)."""
+    if size_col is None:
+        return pd.Series(28.0, index=done.index)
+    v = done[size_col].astype(float)
+    span = v.max() - v.min()
+    unit = (v - v.min()) / span if span > 0 else v * 0 + 0.5
+    return SIZE_RANGE[0] + unit * (SIZE_RANGE[1] - SIZE_RANGE[0])
+
+
+def _span_text(done: pd.DataFrame, col: str) -> str:
+    """"12.3–456 cpu_s": the range of ``col`` over ``done``, with the cost's unit."""
+    units = done[f"{col}_unit"].dropna().astype(str).unique() if f"{col}_unit" in done else []
+    return f"{done[col].min():.3g}–{done[col].max():.3g} {'/'.join(units)}".rstrip()
+
+
+def _draw_trials(ax: Axes, done: pd.DataFrame, x_col: str, y_col: str, sizes: pd.Series) -> None:
     cmap = colormaps["tab10"]
     flagged = flagged_mask(done)
     for i, defense in enumerate(sorted(done["defense"].astype(str).unique())):
@@ -160,7 +197,7 @@ def _draw_trials(ax: Axes, done: pd.DataFrame, x_col: str, y_col: str) -> None:
         for marker, rows in (("o", done[mine & ~flagged]), ("x", done[mine & flagged])):
             if rows.empty:
                 continue
-            ax.scatter(rows[x_col], rows[y_col], marker=marker, s=28, alpha=0.8,
+            ax.scatter(rows[x_col], rows[y_col], marker=marker, s=sizes[rows.index], alpha=0.8,
                        color=cmap(i % cmap.N), label=label)
             label = None
     if flagged.any():

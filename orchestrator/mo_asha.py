@@ -62,16 +62,19 @@ def rank_order(points: np.ndarray) -> np.ndarray:
 
 class MOASHA(FIFOScheduler):
     """Stops a trial at a rung where it does not rank in the top 1/``reduction_factor`` of the
-    trials recorded there on ``objectives`` (result keys, maximized). ``max_t``: the trials'
-    last epoch (no rung there: a trial that gets that far finishes)."""
+    trials recorded there on ``objectives`` (result keys, each maximized or, where ``mode``
+    says "min", minimized). ``max_t``: the trials' last epoch (no rung there: a trial that
+    gets that far finishes)."""
 
     def __init__(self, objectives: Sequence[str], max_t: int, grace_period: int = 1,
-                 reduction_factor: float = 3.0, time_attr: str = "epoch"):
+                 reduction_factor: float = 3.0, time_attr: str = "epoch",
+                 mode: Sequence[str] | None = None):
         super().__init__()
         if reduction_factor < 2 or grace_period < 1 or grace_period >= max_t:
             raise ValueError(f"MOASHA needs reduction_factor ≥ 2 and 1 ≤ grace_period < max_t; got "
                              f"{reduction_factor}, {grace_period}, {max_t}")
         self.objectives, self.time_attr, self.reduction_factor = list(objectives), time_attr, reduction_factor
+        self.signs = np.array([-1.0 if m == "min" else 1.0 for m in (mode or ["max"] * len(objectives))])
         rungs, t = [], float(grace_period)
         while t < max_t:
             rungs.append(int(round(t)))
@@ -85,7 +88,7 @@ class MOASHA(FIFOScheduler):
         at = self.recorded[rung]
         at[trial_id] = tuple(float(v) for v in values)
         ids = list(at)
-        order = rank_order(np.array([at[i] for i in ids]))
+        order = rank_order(np.array([at[i] for i in ids]) * self.signs)
         position = int(np.flatnonzero(order == ids.index(trial_id))[0])
         if position < math.ceil(len(ids) / self.reduction_factor):
             return TrialScheduler.CONTINUE

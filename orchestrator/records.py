@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import difflib
 import json
 import math
 import time
@@ -18,12 +19,30 @@ FAILED = "failed"
 STOPPED = "stopped"  # stopped early by the scheduler (mo_asha): off the fronts and the final evaluation
 RUNNING = "running"
 
+# What a sweep may optimize, each in Optuna's words for its direction. ``cost``: the trial's
+# device-seconds of training and evaluation (TrialRecord.cost).
+OBJECTIVES: dict[str, str] = {"clean_acc": "maximize", "robust_acc": "maximize", "cost": "minimize"}
+
+
+def objectives_problem(objectives: list[str]) -> str | None:
+    """What is wrong with a list of objectives (a spec's, ``--objectives``), with its fix."""
+    unknown = next((o for o in objectives if o not in OBJECTIVES), None)
+    if unknown is not None:
+        close = difflib.get_close_matches(str(unknown), list(OBJECTIVES), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"unknown objective {unknown!r}; {hint}valid objectives: {', '.join(OBJECTIVES)}"
+    if len(objectives) < 2:
+        return (f"give at least two objectives (a front trades one off against another), e.g. "
+                f"[clean_acc, robust_acc]; got {objectives!r}")
+    twice = next((o for o in objectives if objectives.count(o) > 1), None)
+    return f"objective {twice!r} is listed twice; list each once" if twice else None
+
 # Column order of trials.csv before the prefixed groups (hp.*, acc.*, flag.*, metric.*).
 IDENTITY_COLUMNS = ["trial_id", "defense", "status", "clean_acc", "robust_acc", "robust_attack",
                     "clean_acc_ci_low", "clean_acc_ci_high", "robust_acc_ci_low",
                     "robust_acc_ci_high", "n_eval", "robust_acc_search", "final_attack",
                     "final_evaluated", "train_seconds", "checkpoint", "dataset", "model", "seed",
-                    "epochs", "eval_seconds", "started_at", "finished_at", "run_id"]
+                    "epochs", "eval_seconds", "cost", "cost_unit", "started_at", "finished_at", "run_id"]
 CI_SUFFIXES = ("_ci_low", "_ci_high")
 N_PREFIX = "n_eval@"  # curve entries: test points evaluated at that ε
 
@@ -53,6 +72,11 @@ class TrialRecord:
     robust_acc_search: float = math.nan
     train_seconds: float = math.nan
     eval_seconds: float = math.nan
+    # device-seconds of training (with its per-epoch validation) and the trial's own
+    # evaluation, summed over its workers: CPU time on CPU, held-GPU time on GPU (cost_unit
+    # "cpu_s" / "gpu_s"); the sweep's final re-evaluation is not part of it
+    cost: float = math.nan
+    cost_unit: str = ""
     checkpoint: str = ""
     error: str = ""
     warning: str = ""               # what went wrong and was recovered from (e.g. a bad checkpoint)

@@ -368,7 +368,8 @@ def run_sweep(spec: SweepSpec, out: Path, resume: bool, dashboard_on: bool, addr
     board = Dashboard(spec.total_trials(), r.trial_cpus(), r.trial_gpus(),
                       cap["cpus"], cap["gpus"], console=console,
                       live=None if dashboard_on else False,
-                      per_defense={d: (o.trial_cpus(), o.trial_gpus()) for d, o in own.items()})
+                      per_defense={d: (o.trial_cpus(), o.trial_gpus()) for d, o in own.items()},
+                      objectives=spec.objectives)
     for defense in spec.defenses:
         board.begin_defense(defense, list(getattr(space_module(defense), "KEY_HPARAMS", [])))
     interrupted = False
@@ -483,8 +484,10 @@ def make_scheduler(spec: SweepSpec):
     if s.name == "none":
         return None
     from orchestrator.mo_asha import MOASHA
+    from orchestrator.records import OBJECTIVES
 
-    return MOASHA([f"val.{o}" for o in spec.objectives], spec.epochs, s.grace_period, s.reduction_factor)
+    return MOASHA([f"val.{o}" for o in spec.objectives], spec.epochs, s.grace_period, s.reduction_factor,
+                  mode=[OBJECTIVES[o][:3] for o in spec.objectives])
 
 
 EXPERIMENT = "sweep"  # the Tune experiment's folder in the storage: STORAGE/sweep
@@ -523,18 +526,21 @@ def print_front(pareto_csv: Path) -> None:
         print(f"  {r.trial_id} {r.defense:18s} clean {100 * r.clean_acc:5.1f}% "
               f"[{100 * r.clean_acc_ci_low:.1f}, {100 * r.clean_acc_ci_high:.1f}]  robust "
               f"{100 * r.robust_acc:5.1f}% [{100 * r.robust_acc_ci_low:.1f}, "
-              f"{100 * r.robust_acc_ci_high:.1f}] ({source}, n={int(r.n_eval)})")
+              f"{100 * r.robust_acc_ci_high:.1f}] ({source}, n={int(r.n_eval)})"
+              + (f"  cost {r.cost:.0f} {r.cost_unit}" if "cost" in front and r.cost == r.cost else ""))
 
 
 def _export(spec: SweepSpec, out: Path, started: float, tracker=None) -> None:
-    from orchestrator.aggregate import merge_runs
+    from orchestrator.aggregate import front_summary, merge_runs
     from orchestrator.export import export_all, write_manifest
 
     final = spec.threat_model.final_eval
     try:
-        export_all(merge_runs([out]), out, objectives=tuple(spec.objectives),
+        trials = merge_runs([out])
+        export_all(trials, out, objectives=tuple(spec.objectives),
                    exclude_flagged=spec.threat_model.exclude_flagged)
         write_manifest(out, spec.model_dump(), started, time.time(), [spec.seed], extra={
+            "front": front_summary(trials, spec.objectives, spec.threat_model.exclude_flagged),
             "final_eval": final or "none",
             "numbers": "final: the trials that could be on a front were re-evaluated with final_eval "
                        "(final_evaluated, final_attack per trial)" if final else

@@ -140,6 +140,23 @@ def hold_gpu_share(device: torch.device, gpus: float) -> None:
         torch.cuda.set_per_process_memory_fraction(gpus, device)
 
 
+class DeviceClock:
+    """Device-seconds a trial has used since it was made, summed over its ``workers`` (DDP
+    ranks step in lockstep, so each holds its device as long as this one): on the CPU, this
+    process's CPU time (every thread; a trial slowed by a neighbour is not charged for the
+    wait), on a GPU the wall time × the GPU share held (what a cluster bills: a GPU's busy
+    time cannot be read without a profiler). ``unit``: "cpu_s" or "gpu_s"."""
+
+    def __init__(self, device: torch.device, gpus: float, workers: int = 1):
+        self.unit = "gpu_s" if device.type == "cuda" else "cpu_s"
+        self._read = time.perf_counter if device.type == "cuda" else time.process_time
+        self._scale = workers * (gpus if device.type == "cuda" else 1.0)
+        self._start = self._read()
+
+    def __call__(self) -> float:
+        return (self._read() - self._start) * self._scale
+
+
 def release_gpu_memory() -> None:
     """After a trial: give the cached blocks back to the GPU, so that the next trial Ray runs
     in this reused actor (``reuse_actors``), or a neighbour on the same GPU, can take them."""
@@ -249,12 +266,14 @@ def ensure_base(spec: SweepSpec, request: BaseModelRequest, run_dir: Path | None
 
 def save_checkpoint(folder: Path, s: TrialSetup, epoch: int, train_seconds: float,
                     record: TrialRecord | None = None,
-                    broken: dict[float, torch.Tensor] | None = None, started_at: str = "") -> None:
+                    broken: dict[float, torch.Tensor] | None = None, started_at: str = "",
+                    cost: float = math.nan) -> None:
     """``record``: the evaluated trial, kept in its final checkpoint so that a trial restarted
     after it finished (a driver killed before it saw the end) reports it instead of redoing it.
     ``broken``: per ε, the test points its evaluation found not robust (``Report.broken()``),
     which the sweep's final evaluation of this checkpoint does not attack again.
-    ``started_at``: when the trial first started, kept so that a resumed trial keeps it."""
+    ``started_at``: when the trial first started, kept so that a resumed trial keeps it;
+    ``cost``: its device-seconds so far (``DeviceClock``), which a resumed trial adds to."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({
         "model": s.defense.model.state_dict(),
@@ -269,6 +288,7 @@ def save_checkpoint(folder: Path, s: TrialSetup, epoch: int, train_seconds: floa
         "broken": {"eps": list(broken), "masks": list(broken.values())} if broken else None,
         "spec_digest": spec_digest(s.spec),
         "started_at": started_at,
+        "cost": cost,
     }, folder / CHECKPOINT_FILE)
 
 
@@ -284,8 +304,9 @@ def spec_digest(spec: SweepSpec) -> str:
                           .encode()).hexdigest()[:16]
 
 
-def load_checkpoint(folder: Path, s: TrialSetup) -> tuple[int, float, str]:
-    """Restore ``s`` from ``folder``; (epochs done, training seconds, ``started_at``)."""
+def load_checkpoint(folder: Path, s: TrialSetup) -> tuple[int, float, str, float]:
+    """Restore ``s`` from ``folder``; (epochs done, training seconds, ``started_at``, device-seconds
+    so far: 0 for a checkpoint saved before they were counted)."""
     # loaded on the CPU: load_state_dict copies weights onto the model's device and the
     # optimizer's state onto its parameters', but keeps Adam's ``step`` counters on the CPU,
     # where the optimizer reads them without waiting for the GPU (map_location=cuda moved them)
@@ -295,7 +316,9 @@ def load_checkpoint(folder: Path, s: TrialSetup) -> tuple[int, float, str]:
     if s.scheduler is not None and state["scheduler"] is not None:
         s.scheduler.load_state_dict(state["scheduler"])
     s.defense.load_state_dict(state["defense_state"])
-    return int(state["epoch"]), float(state["train_seconds"]), str(state.get("started_at", ""))
+    cost = float(state.get("cost", math.nan))
+    return (int(state["epoch"]), float(state["train_seconds"]), str(state.get("started_at", "")),
+            0.0 if math.isnan(cost) else cost)
 
 
 def train(s: TrialSetup, epochs: int, start_epoch: int = 0, on_epoch=None,

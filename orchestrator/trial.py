@@ -26,7 +26,7 @@ from defenses.core.base import TrainingDiverged
 from defenses.evaluation.benchmark import Shard
 from orchestrator.records import COMPLETED, FAILED, TrialRecord, iso_utc
 from orchestrator.spec import SweepSpec
-from orchestrator.training import (CHECKPOINT_FILE, Parallel, SingleProcess, TrialSetup,
+from orchestrator.training import (CHECKPOINT_FILE, DeviceClock, Parallel, SingleProcess, TrialSetup,
                                    hold_gpu_share, release_gpu_memory,
                                    all_test_images, build_setup, load_checkpoint, save_checkpoint,
                                    spec_digest, train)
@@ -105,11 +105,11 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
         hold_gpu_share(device, r.gpus_per_trial)
         s = build_setup(spec, defense_name, hp, device, run_dir, parallel=parallel)
         s.optimizer = parallel.wrap_optimizer(s.optimizer)
-        start_epoch, seconds_before = 0, 0.0
+        start_epoch, seconds_before, cost_before = 0, 0.0, 0.0
         restored = reporter.restore()
         record.warning = getattr(reporter, "warning", "")
         if restored is not None:
-            start_epoch, seconds_before, started = load_checkpoint(restored, s)
+            start_epoch, seconds_before, started, cost_before = load_checkpoint(restored, s)
             record.started_at = started or record.started_at
             log.info("trial %s resumed after epoch %d", reporter.trial_id, start_epoch)
             done = saved_record(restored, spec)
@@ -119,7 +119,10 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
                 return done
 
         validation: dict[str, float] = {}  # the last epoch's validation objectives
-        validation_seconds = 0.0           # their cost, counted in eval_seconds
+        validation_seconds = 0.0           # their time, counted in eval_seconds
+        # the trial's own work from here on (setup and shared base models are not its cost)
+        clock = DeviceClock(device, r.gpus_per_trial, parallel.world_size)
+        record.cost_unit = clock.unit
 
         def on_epoch(epoch: int, metrics: dict[str, float], seconds: float) -> None:
             nonlocal validation_seconds
@@ -129,13 +132,16 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
                 with parallel.local_only():
                     validation.update(validation_objectives(s))
                 validation_seconds += time.perf_counter() - t0
-                metrics = {**metrics, **validation, "val_seconds": validation_seconds}
+                metrics = {**metrics, **validation, "val_seconds": validation_seconds,
+                           "val.cost": cost_before + clock()}  # cost so far: what rungs rank on
+            cost = cost_before + clock()
             with tempfile.TemporaryDirectory() as tmp:
                 if chief:
                     save_checkpoint(Path(tmp), s, epoch, seconds_before + seconds,
-                                    started_at=record.started_at)
+                                    started_at=record.started_at, cost=cost)
                 reporter.report({**base, "epoch": epoch, "status": "running", "start_epoch": start_epoch,
                                  "train_seconds": seconds_before + seconds, "started_at": record.started_at,
+                                 "cost": cost, "cost_unit": clock.unit,
                                  "clean_acc": math.nan, "robust_acc": math.nan, **metrics,
                                  **{f"flag.{k}": v for k, v in s.defense.flags().items()}},
                                 Path(tmp) if chief else None)
@@ -151,11 +157,12 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
             record.set_evaluation(report, validation)
             record.eval_seconds += validation_seconds
             broken = report.broken()
+        record.cost = cost_before + clock()
         record.finished_at = iso_utc()
         with tempfile.TemporaryDirectory() as tmp:
             if chief:
                 save_checkpoint(Path(tmp), s, record.epochs, record.train_seconds, record, broken,
-                                started_at=record.started_at)
+                                started_at=record.started_at, cost=record.cost)
             reporter.report(final_metrics(record, spec.epochs, start_epoch), Path(tmp) if chief else None)
         return record
     except TrainingDiverged as e:
@@ -227,5 +234,6 @@ def final_metrics(record: TrialRecord, planned_epochs: int, start_epoch: int = 0
     """The last result a trial reports: its record, plus the columns Tune and the dashboard read."""
     return {"defense": record.defense, "epochs": planned_epochs, "epoch": record.epochs,
             "start_epoch": start_epoch, "status": record.status, "clean_acc": record.clean_acc,
-            "robust_acc": record.robust_acc, "error": record.error, "record": record.to_dict(),
+            "robust_acc": record.robust_acc, "cost": record.cost, "error": record.error,
+            "record": record.to_dict(),
             **{f"flag.{k}": v for k, v in record.flags.items()}}

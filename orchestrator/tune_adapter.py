@@ -29,8 +29,8 @@ from ray import tune
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.records import (FAILED, RUNNING, STOPPED, TrialRecord, iso_utc, load_record,
-                                  record_path, save_record)
+from orchestrator.records import (FAILED, OBJECTIVES, RUNNING, STOPPED, TrialRecord, iso_utc,
+                                  load_record, record_path, save_record)
 from orchestrator.spec import SweepSpec
 from orchestrator.trial import final_metrics, new_record, run_trial
 from orchestrator.training import CHECKPOINT_FILE
@@ -324,6 +324,7 @@ class RecordWriter(tune.Callback):
             trial, STOPPED, f"stopped early by the scheduler after epoch {last.get('epoch')}",
             epochs=int(last.get("epoch", 0)), train_seconds=float(last.get("train_seconds", 0.0)),
             eval_seconds=float(last.get("val_seconds", 0.0)), started_at=str(last.get("started_at", "")),
+            cost=float(last.get("cost", math.nan)), cost_unit=str(last.get("cost_unit", "")),
             metrics={k: float(v) for k, v in last.items() if k.startswith("val.")})
         if trial.checkpoint is not None:
             record.checkpoint = checkpoint_uri(trial.checkpoint)
@@ -426,7 +427,7 @@ def make_searcher(spec: SweepSpec, defense: str, run_dir: Path):
     seed = (spec.seed * 1_000_003 + zlib.crc32(defense.encode())) % 2**31
     return RecordedSearch(
         space=OptunaSearch.convert_search_space({"hp": build_space(spec, defense)}),
-        metric=list(spec.objectives), mode=["max"] * len(spec.objectives),
+        metric=list(spec.objectives), mode=[OBJECTIVES[o][:3] for o in spec.objectives],
         sampler=_samplers()[spec.search](seed, spec.trials_for(defense)),
         study_name=study_name(spec, defense), storage=optuna_storage(run_dir), run_dir=run_dir)
 
@@ -457,7 +458,7 @@ class DefenseRouter(Searcher):
     and every defense first gets its floor, half its own trials (rounded up), picked as
     above. The rest goes one trial at a time to the defense whose completed trials add the
     most hypervolume to the front of all completed trials (its exclusive contribution,
-    ``orchestrator.aggregate.points_hypervolume`` from the origin), ties (no results yet, or no contribution) to
+    ``orchestrator.aggregate.points_hypervolume``, one reference for all), ties (no results yet, or no contribution) to
     the smallest share of its own budget, as in ``fixed``. A defense on the front thus gets
     more trials, one that never reaches it keeps its floor.
 
@@ -506,12 +507,15 @@ class DefenseRouter(Searcher):
     def contributions(self) -> dict[str, float]:
         """Per defense, the hypervolume the front of all completed trials loses without its
         trials (0 for every defense before any result)."""
-        from orchestrator.aggregate import points_hypervolume
+        from orchestrator.aggregate import points_hypervolume, reference_point
+
+        every = [p for ps in self._points.values() for p in ps]
+        ref = reference_point(np.array(every, float), self._objectives)  # one for all: cost's depends on the data
 
         def hv(points: list[tuple[float, ...]]) -> float:
-            return points_hypervolume(np.array(points, float).reshape(-1, len(self._objectives)))
+            return points_hypervolume(np.array(points, float), self._objectives, ref)
 
-        total = hv([p for ps in self._points.values() for p in ps])
+        total = hv(every)
         return {d: total - hv([p for e, ps in self._points.items() if e != d for p in ps])
                 for d in self._searchers}
 

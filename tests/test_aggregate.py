@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from orchestrator.aggregate import cli as aggregate
-from orchestrator.aggregate import (_nondominated_2d, _nondominated_kd, hypervolume, knee,
-                                    merge_runs, pareto_front, suspect_labels)
+from orchestrator.aggregate import (hypervolume, knee, merge_runs, nondominated, pareto_front,
+                                    reference_point, suspect_labels)
 from orchestrator.records import IDENTITY_COLUMNS, TrialRecord, save_record
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -66,12 +66,27 @@ def test_front_matches_brute_force_3d(seed: int) -> None:
     assert list(pareto_front(df, objectives).index) == reference_front_labels(df, objectives)
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_general_path_agrees_with_2d_sweep(seed: int) -> None:
-    pts = np.random.default_rng(seed).integers(0, 8, (500, 2)).astype(float)
-    expected = brute_force_nondominated(pts)
-    np.testing.assert_array_equal(_nondominated_2d(pts), expected)
-    np.testing.assert_array_equal(_nondominated_kd(pts), expected)
+@pytest.mark.parametrize("k,seed", [(1, 0), (2, 1), (3, 2), (4, 3), (5, 4)])
+def test_nondominated_keeps_every_copy_of_a_maximal_point(k: int, seed: int) -> None:
+    # few distinct values: many ties and duplicates, which moocore drops unless told not to
+    pts = np.random.default_rng(seed).integers(0, 4, (300, k)).astype(float)
+    np.testing.assert_array_equal(nondominated(pts), brute_force_nondominated(pts))
+    assert nondominated(np.zeros((0, k))).shape == (0,)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cost_front_matches_brute_force_3d(seed: int) -> None:
+    """The 3-D front of the sweep's objectives (cost minimized) against the O(n²) oracle on
+    the accuracies and the negated cost."""
+    rng = np.random.default_rng(seed)
+    df = random_trials(seed, 400, integer=bool(seed % 2))
+    df["cost"] = rng.integers(1, 6, len(df)).astype(float) if seed % 2 else rng.uniform(1, 100, len(df))
+    objectives = ["clean_acc", "robust_acc", "cost"]
+    ok = (df["status"] == "completed") & df[objectives].notna().all(axis=1)
+    signed = df.loc[ok, objectives].to_numpy() * np.array([1, 1, -1])
+    expected = list(df.index[ok][brute_force_nondominated(signed)])
+    front = pareto_front(df, objectives)
+    assert list(front.index) == expected
 
 
 def test_duplicates_stay_and_ties_are_dominated() -> None:
@@ -95,12 +110,11 @@ def test_failed_nan_and_flagged_rows_are_excluded() -> None:
     assert list(pareto_front(df, exclude_flagged=True).index) == [3, 4]
 
 
-def test_minimize_per_objective() -> None:
-    df = pd.DataFrame({"robust_acc": [0.5, 0.5, 0.4], "train_seconds": [10.0, 5.0, 1.0]})
-    assert list(pareto_front(df, ["robust_acc", "train_seconds"],
-                             maximize=[True, False]).index) == [1, 2]
-    with pytest.raises(ValueError, match="maximize"):
-        pareto_front(df, ["robust_acc", "train_seconds"], maximize=[True, False, True])
+def test_cost_is_minimized() -> None:
+    df = pd.DataFrame({"robust_acc": [0.5, 0.5, 0.4], "cost": [10.0, 5.0, 1.0]})
+    assert list(pareto_front(df, ["robust_acc", "cost"]).index) == [1, 2]
+    # any other column is maximized
+    assert list(pareto_front(df.rename(columns={"cost": "other"}), ["robust_acc", "other"]).index) == [0]
 
 
 def test_missing_objective_column_is_a_clear_error() -> None:
@@ -159,6 +173,26 @@ def test_hypervolume_matches_unit_cell_count(k: int, seed: int) -> None:
     assert hypervolume(pd.DataFrame(pts, columns=names), names) == pytest.approx(cells)
 
 
+def test_hypervolume_with_cost_counts_unit_cells() -> None:
+    """Cost minimized from a reference above it: the volume is the number of unit cells
+    (accuracy lattice × cost lattice below the reference) some point dominates."""
+    rng = np.random.default_rng(7)
+    pts = np.column_stack([rng.integers(0, 5, 15), rng.integers(0, 5, 15), rng.integers(1, 6, 15)])
+    names = ["clean_acc", "robust_acc", "cost"]
+    cells = sum(bool(((pts[:, 0] >= a + 1) & (pts[:, 1] >= b + 1) & (pts[:, 2] <= c)).any())
+                for a, b, c in itertools.product(range(5), range(5), range(6)))
+    df = pd.DataFrame(pts, columns=names)
+    assert hypervolume(df, names, reference=(0, 0, 6)) == pytest.approx(cells)
+
+
+def test_default_reference_puts_the_costliest_trial_inside() -> None:
+    names = ["clean_acc", "robust_acc", "cost"]
+    np.testing.assert_allclose(reference_point(np.array([[0.9, 0.5, 10.0], [0.8, 0.6, 20.0]]), names),
+                               [0.0, 0.0, 22.0])
+    # one point: its box, 0.9 × 0.5 × (1.1·10 − 10)
+    assert hypervolume(xy([(0.9, 0.5, 10.0)], names), names) == pytest.approx(0.9 * 0.5 * 1.0)
+
+
 def test_hypervolume_reference_must_match_objectives() -> None:
     with pytest.raises(ValueError, match="reference"):
         hypervolume(xy([(1, 1)]), reference=(0, 0, 0))
@@ -178,6 +212,15 @@ def test_knee_ignores_a_point_bulging_towards_the_origin() -> None:
     front = pd.DataFrame({"clean_acc": [1.0, 0.1, 0.6, 0.0],
                           "robust_acc": [0.0, 0.1, 0.5, 1.0]}, index=[7, 8, 9, 10])
     assert knee(front) == 9  # 8 is farther from the chord but on the wrong side
+
+
+def test_knee_with_cost_prefers_the_cheap_balanced_trial() -> None:
+    names = ["clean_acc", "robust_acc", "cost"]
+    front = pd.DataFrame([(0.99, 0.10, 50.0), (0.90, 0.50, 10.0), (0.80, 0.60, 90.0)],
+                         columns=names, index=["a", "b", "c"])
+    assert list(pareto_front(front, names).index) == ["a", "b", "c"]
+    # normalized sums: a 1 + 0 + 0.5, b 0.53 + 0.8 + 1, c 0 + 1 + 0
+    assert knee(front, names) == "b"
 
 
 def test_knee_small_fronts_use_largest_normalised_sum() -> None:
@@ -294,3 +337,20 @@ def test_cli_single_run_writes_into_the_run_dir(tmp_path: Path) -> None:
     assert aggregate.main([str(tmp_path)]) == 0
     assert pd.read_csv(tmp_path / "pareto.csv")["is_knee"].tolist() == [True]
     assert math.isclose(pd.read_csv(tmp_path / "trials.csv")["clean_acc"].item(), 0.9)
+
+
+def test_cli_takes_the_runs_objectives_or_objectives(tmp_path: Path, capsys) -> None:
+    # t1 is dominated on the accuracies but cheaper: on the 3-D front only
+    save_record(tmp_path, rec("t0", "r1", 0.9, robust=0.5, cost=100.0))
+    save_record(tmp_path, rec("t1", "r1", 0.8, robust=0.4, cost=10.0))
+    assert aggregate.main([str(tmp_path)]) == 0
+    assert pd.read_csv(tmp_path / "pareto.csv").trial_id.tolist() == ["t0"]
+    (tmp_path / "spec.json").write_text('{"objectives": ["clean_acc", "robust_acc", "cost"]}')
+    assert aggregate.main([str(tmp_path)]) == 0
+    assert pd.read_csv(tmp_path / "pareto.csv").trial_id.tolist() == ["t0", "t1"]
+    assert "(clean_acc, robust_acc, cost)" in capsys.readouterr().out
+    assert aggregate.main([str(tmp_path), "--objectives", "robust_acc,cost"]) == 0
+    assert pd.read_csv(tmp_path / "pareto.csv").trial_id.tolist() == ["t0", "t1"]
+    assert aggregate.main([str(tmp_path), "--objectives", "robust_acc,speed"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown objective 'speed'" in err[0]

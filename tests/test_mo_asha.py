@@ -62,6 +62,14 @@ def test_rungs_and_the_top_share_that_goes_on():
     assert MOASHA(["a", "b"], max_t=6, grace_period=2, reduction_factor=2).rungs == [2, 4]
 
 
+def test_a_minimized_objective_ranks_the_cheaper_trial_first():
+    # val.cost so far (device-seconds) minimized: the cheaper of two equally accurate trials goes on
+    s = MOASHA(["val.robust_acc", "val.cost"], max_t=10, reduction_factor=2, mode=["max", "min"])
+    assert s.decide("dear", 1, [0.5, 20.0]) == "CONTINUE"
+    assert s.decide("cheap", 1, [0.5, 10.0]) == "CONTINUE"  # dominates "dear": the top 1 of 2
+    assert s.decide("dearer", 1, [0.5, 30.0]) == "STOP"
+
+
 def test_mo_asha_stops_a_clearly_bad_trial_before_its_last_epoch(ray_session, tmp_path, capsys):
     raw = {"name": "asha", "epochs": 3, "train_samples": 600, "eval_samples": 100, "batch_size": 50,
            "search": "random", "scheduler": {"name": "mo_asha", "grace_period": 1, "reduction_factor": 3},

@@ -93,6 +93,29 @@ def test_smoke_preset_through_ray_tune_and_optuna(ray_session, tmp_path, capsys)
     assert stdout.count("completed clean=") == 4  # plain dashboard: one line per trial
 
 
+def test_cost_as_a_third_objective(ray_session, tmp_path, capsys):
+    """objectives [clean_acc, robust_acc, cost]: a cost per trial, the 3-D front in
+    pareto.csv, the studies minimizing cost, the manifest's hypervolume, each trial's cost printed."""
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path, defenses={"standard": {"trials": 2}, "pgd_at": {"trials": 2}},
+                      objectives=["clean_acc", "robust_acc", "cost"])
+    assert sweep.main(["--spec", spec, "--out", str(out), "--no-dashboard"]) == 0
+    trials, pareto = read_csv(out / "trials.csv"), read_csv(out / "pareto.csv")
+    assert (trials.status == "completed").all() and (trials.cost > 0).all()
+    assert (trials.cost_unit == "cpu_s").all()
+    objectives = ["clean_acc", "robust_acc", "cost"]
+    assert sorted(pareto.trial_id) == sorted(pareto_front(trials, objectives).trial_id)
+    assert pareto.is_knee.sum() == 1
+    study = optuna.load_study(study_name="tiny-pgd_at", storage=f"sqlite:///{out / 'optuna.db'}")
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE] * 2 + [optuna.study.StudyDirection.MINIMIZE]
+    cost = trials.set_index("trial_id").cost
+    assert all(t.values[2] == pytest.approx(cost[t.user_attrs["trial_id"]]) for t in study.trials)
+    front = json.loads((out / "manifest.json").read_text())["extra"]["front"]
+    assert front["objectives"] == objectives and front["size"] == len(pareto) and front["hypervolume"] > 0
+    assert front["reference"][2] == pytest.approx(1.1 * trials.cost.max())
+    assert capsys.readouterr().out.count(" cpu_s ") == 4  # the plain dashboard's lines
+
+
 def test_nan_trial_is_failed_and_the_sweep_goes_on(ray_session, tmp_path):
     spec = write_spec(tmp_path, optimizer={"name": "sgd"},
                       defenses={"standard": {"trials": 2, "space": {"lr": [1e12, 1e-2]}}},
@@ -120,7 +143,11 @@ def test_nan_trial_is_failed_and_the_sweep_goes_on(ray_session, tmp_path):
      "reduction_factor must be ≥ 2"),
     ({"defenses": ["standard"], "objectives": ["robust_acc"]}, "at least two"),
     ({"defenses": ["standard"], "objectives": ["robust_acc", "robust_acc"]}, "listed twice"),
-    ({"defenses": ["standard"], "objectives": ["clean_acc", "speed"]}, "objectives.1"),
+    ({"defenses": ["standard"], "objectives": ["clean_acc", "speed"]},
+     "unknown objective 'speed'; valid objectives: clean_acc, robust_acc, cost"),
+    ({"defenses": ["standard"], "objectives": ["clean_acc", "cots"]}, "did you mean 'cost'?"),
+    ({"defenses": ["standard"], "objectives": ["cost"]}, "at least two"),
+    ({"defenses": ["standard"], "objectives": ["clean_acc", "cost", "cost"]}, "'cost' is listed twice"),
     ({"defenses": ["standard"], "allocation": "greedy"}, "'fixed' or 'adaptive'"),
 ])
 def test_bad_input_exits_2_before_ray(no_ray, tmp_path, capsys, over, needle):

@@ -70,6 +70,8 @@ def test_resumed_trial_ends_where_an_uninterrupted_one_does(tmp_path):
     # started_at is the first start's, kept through the checkpoint; finished_at the last end
     first = TrialRecord.from_dict(part.results[1]["record"])
     assert resumed.started_at == first.started_at < first.finished_at < resumed.finished_at
+    # the cost goes on from the checkpoint's: the resumed trial paid for both of its runs
+    assert 0 < first.cost < resumed.cost and resumed.cost_unit == "cpu_s"
     assert datetime.datetime.fromisoformat(resumed.finished_at).tzinfo == datetime.timezone.utc
 
 
@@ -79,6 +81,9 @@ def test_per_epoch_reports_then_a_final_record(tmp_path):
     assert [r["status"] for r in rep.results] == ["running", "running", "completed"]
     assert rep.results[-1]["record"]["trial_id"] == rec.trial_id == "r"
     assert rec.epochs == 2 and rec.train_seconds > 0 and list(rec.acc)[:2] == ["fgsm", "pgd-5"]
+    # cost: CPU-seconds so far in every report, the final one with the evaluation's
+    costs = [r["cost"] for r in rep.results]
+    assert 0 < costs[0] < costs[1] < costs[2] == rec.cost and rec.cost_unit == "cpu_s"
     # then the gradient-masking checks' attacks, whose breaks count too
     assert all(k.startswith("check.") for k in list(rec.acc)[2:])
 

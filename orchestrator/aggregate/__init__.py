@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from orchestrator.records import COMPLETED, IDENTITY_COLUMNS, load_records
+from orchestrator.records import COMPLETED, IDENTITY_COLUMNS, OBJECTIVES, load_records
 
 log = logging.getLogger(__name__)
 
@@ -136,27 +136,42 @@ def merge_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------- Pareto front
 
+def objective_signs(objectives: Sequence[str]) -> np.ndarray:
+    """+1 for an objective to maximize, -1 for one to minimize (``records.OBJECTIVES``; a
+    curve column ``robust_acc@<eps>`` goes as ``robust_acc``, any other column is maximized)."""
+    return np.array([-1.0 if OBJECTIVES.get(o.partition("@")[0]) == "minimize" else 1.0
+                     for o in objectives])
+
+
 def pareto_front(df: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES,
-                 maximize: bool | Sequence[bool] = True,
                  exclude_flagged: bool = False) -> pd.DataFrame:
     """The non-dominated rows of ``df``.
 
     Only candidates take part: rows with every objective non-NaN, ``status == "completed"``
-    when a status column exists, and no raised ``flag.*`` when ``exclude_flagged``. A row is
-    dominated when another candidate is >= in every objective and > in at least one, so exact
-    duplicates of a front point are all kept. ``maximize`` is one bool for all objectives or
-    one per objective (False = minimize).
+    when a status column exists, and no raised ``flag.*`` when ``exclude_flagged``. Each
+    objective goes in its own direction (``objective_signs``: accuracies up, ``cost`` down). A
+    row is dominated when another candidate is at least as good in every objective and better
+    in one, so exact duplicates of a front point are all kept.
 
     Returns a slice of ``df``: original index labels and original relative row order, all
-    columns. 2 objectives use an O(n log n) sort sweep, others a vectorized filter."""
+    columns. Non-dominated sorting is moocore's ``is_nondominated`` (O(n log n) for 2 and 3
+    objectives)."""
     candidates = _candidate_mask(df, objectives, exclude_flagged)
-    points = _objective_matrix(df.loc[candidates], objectives)
-    signs = np.where(np.asarray(maximize, dtype=bool), 1.0, -1.0)
-    if signs.size not in (1, points.shape[1]):
-        raise ValueError(f"maximize has {signs.size} values for {points.shape[1]} objectives")
-    points = points * signs
-    keep = _nondominated_2d(points) if points.shape[1] == 2 else _nondominated_kd(points)
+    keep = nondominated(_signed_matrix(df.loc[candidates], objectives))
     return df.loc[candidates].loc[keep]
+
+
+def nondominated(points: np.ndarray) -> np.ndarray:
+    """Boolean mask of the maximal rows of an (n, k) array (every column maximized), keeping
+    every copy of a duplicated maximal row."""
+    import moocore
+
+    points = np.asarray(points, dtype=float)
+    if len(points) == 0:
+        return np.zeros(0, dtype=bool)
+    if points.shape[1] == 1:
+        return points[:, 0] == points[:, 0].max()
+    return np.asarray(moocore.is_nondominated(points, maximise=True, keep_weakly=True), dtype=bool)
 
 
 def _candidate_mask(df: pd.DataFrame, objectives: Sequence[str],
@@ -180,51 +195,9 @@ def _objective_matrix(df: pd.DataFrame, objectives: Sequence[str]) -> np.ndarray
     return df[objectives].to_numpy(dtype=float, na_value=np.nan)
 
 
-def _nondominated_2d(points: np.ndarray) -> np.ndarray:
-    """Boolean mask of maximal points of an (n, 2) array by one sort.
-
-    Sorted by x then y ascending, a point is non-dominated iff it has the largest y of its
-    x-group (no equal-x point above it) and a y strictly above every point with larger x
-    (the group with the largest x has no such points)."""
-    n = len(points)
-    if n == 0:
-        return np.zeros(0, dtype=bool)
-    x, y = points[:, 0], points[:, 1]
-    order = np.lexsort((y, x))
-    xs, ys = x[order], y[order]
-    new_group = xs[1:] != xs[:-1]
-    gid = np.concatenate(([0], np.cumsum(new_group)))
-    last_of_group = np.concatenate((new_group, [True]))
-    gmax = ys[last_of_group]
-    best_right = np.maximum.accumulate(gmax[::-1])[::-1]           # max y over groups >= g
-    above_right = np.concatenate((best_right[1:], [-np.inf]))      # max y over groups > g
-    is_last_group = gid == gid[-1]
-    keep_sorted = (ys == gmax[gid]) & (is_last_group | (ys > above_right[gid]))
-    keep = np.empty(n, dtype=bool)
-    keep[order] = keep_sorted
-    return keep
-
-
-def _nondominated_kd(points: np.ndarray) -> np.ndarray:
-    """Boolean mask of maximal points of an (n, k) array, any k.
-
-    Each surviving point in turn removes every point it strictly dominates; points that are
-    non-dominated are never removed, so each dominated point is removed by one of them.
-    Visiting by descending sum first makes early points remove the most."""
-    n = len(points)
-    order = np.argsort(-points.sum(axis=1), kind="stable")
-    alive = order.copy()                      # original indices still in the running
-    pos = 0
-    while pos < len(alive):
-        p = points[alive[pos]]
-        rest = points[alive]
-        dominated = (rest <= p).all(axis=1) & (rest < p).any(axis=1)
-        pos -= int(dominated[:pos].sum())      # keep pointing just past p after removals
-        alive = alive[~dominated]
-        pos += 1
-    keep = np.zeros(n, dtype=bool)
-    keep[alive] = True
-    return keep
+def _signed_matrix(df: pd.DataFrame, objectives: Sequence[str]) -> np.ndarray:
+    """The objectives with every one turned into one to maximize (a minimized one negated)."""
+    return _objective_matrix(df, objectives) * objective_signs(objectives)
 
 
 def ci_columns(objective: str) -> tuple[str, str]:
@@ -235,7 +208,8 @@ def ci_columns(objective: str) -> tuple[str, str]:
 
 
 def _interval_matrices(df: pd.DataFrame, objectives: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(lows, highs) of the objectives' intervals; a missing interval is the point itself."""
+    """(worst, best) ends of the objectives' intervals, signed as ``_signed_matrix``; a missing
+    interval (``cost`` has none) is the point itself."""
     point = _objective_matrix(df, objectives)
     lows, highs = point.copy(), point.copy()
     for j, obj in enumerate(objectives):
@@ -243,7 +217,9 @@ def _interval_matrices(df: pd.DataFrame, objectives: Sequence[str]) -> tuple[np.
         if lo in df.columns and hi in df.columns:
             lows[:, j] = np.where(df[lo].isna(), point[:, j], df[lo].to_numpy(float, na_value=np.nan))
             highs[:, j] = np.where(df[hi].isna(), point[:, j], df[hi].to_numpy(float, na_value=np.nan))
-    return lows, highs
+    signs = objective_signs(objectives)
+    lows, highs = lows * signs, highs * signs
+    return np.minimum(lows, highs), np.maximum(lows, highs)
 
 
 def front_layers(df: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES,
@@ -272,7 +248,7 @@ def reaches_front(df: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIV
     if front.empty or not candidates.any():
         return out
     _, highs = _interval_matrices(df.loc[candidates], objectives)
-    points = _objective_matrix(front, objectives)
+    points = _signed_matrix(front, objectives)
     dominated = ((points[None, :, :] >= highs[:, None, :]).all(2)
                  & (points[None, :, :] > highs[:, None, :]).any(2)).any(1)
     out.loc[df.index[candidates]] = ~dominated
@@ -291,7 +267,7 @@ def on_front_within_ci(df: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJ
     sub = df.loc[candidates]
     lows, highs = _interval_matrices(sub, objectives)
     f_lows, f_highs = _interval_matrices(front, objectives)
-    p, q = _objective_matrix(sub, objectives), _objective_matrix(front, objectives)
+    p, q = _signed_matrix(sub, objectives), _signed_matrix(front, objectives)
     dominates = (q[None] >= p[:, None]).all(2) & (q[None] > p[:, None]).any(2)
     overlap = ((lows[:, None] <= f_highs[None]) & (f_lows[None] <= highs[:, None])).all(2)
     out.loc[sub.index] = (dominates & overlap).any(1)
@@ -302,50 +278,61 @@ def on_front_within_ci(df: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJ
 
 def hypervolume(df: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES,
                 reference: Sequence[float] | None = None) -> float:
-    """Volume of objective space dominated by the rows of ``df`` and bounded below by
-    ``reference`` (all objectives maximized; default reference: the origin).
+    """Volume of objective space dominated by the rows of ``df`` and bounded by ``reference``
+    (in the objectives' own units; default ``reference_point``).
 
-    The single number that says whether one sweep's front beats another's. Candidates are
-    chosen as in :func:`pareto_front` (completed, no NaN); a point not strictly better than
-    the reference in every objective bounds no volume and is ignored. Exact: a sort sweep in
-    2-D, recursive slicing along the last objective otherwise (fine for fronts of hundreds)."""
-    return points_hypervolume(_objective_matrix(df.loc[_candidate_mask(df, objectives, False)],
-                                                objectives), reference)
+    The single number that says whether one sweep's front beats another's (pass the same
+    ``reference`` to both when an objective is minimized: its default depends on the data).
+    Candidates are chosen as in :func:`pareto_front` (completed, no NaN); a point not strictly
+    better than the reference in every objective bounds no volume and is ignored. Exact:
+    moocore's ``hypervolume`` (O(n log n) in 2 and 3 dimensions)."""
+    points = _objective_matrix(df.loc[_candidate_mask(df, objectives, False)], objectives)
+    return points_hypervolume(points, objectives, reference)
 
 
-def points_hypervolume(points: np.ndarray, reference: Sequence[float] | None = None) -> float:
-    """``hypervolume`` of an (n, m) array of objective values (rows, all maximized)."""
-    points = np.asarray(points, float)
-    ref = np.zeros(points.shape[1]) if reference is None else np.asarray(reference, float)
+def reference_point(points: np.ndarray, objectives: Sequence[str]) -> np.ndarray:
+    """The default hypervolume reference: 0 for an objective to maximize (accuracies are ≥ 0),
+    1.1 × the largest value among ``points`` for one to minimize (so the costliest point still
+    bounds some volume; 1 when there are none)."""
+    points = np.asarray(points, float).reshape(-1, len(objectives))
+    worst = points.max(axis=0) * 1.1 if len(points) else np.ones(len(objectives))
+    return np.where(objective_signs(objectives) < 0, worst, 0.0)
+
+
+def points_hypervolume(points: np.ndarray, objectives: Sequence[str] = DEFAULT_OBJECTIVES,
+                       reference: Sequence[float] | None = None) -> float:
+    """``hypervolume`` of an (n, m) array of the ``objectives``' values (rows)."""
+    import moocore
+
+    points = np.asarray(points, float).reshape(-1, len(objectives))
+    ref = reference_point(points, objectives) if reference is None else np.asarray(reference, float)
     if ref.shape != (points.shape[1],):
         raise ValueError(f"reference has {ref.size} values for {points.shape[1]} objectives")
+    signs = objective_signs(objectives)
+    points, ref = points * signs, ref * signs
     points = points[(points > ref).all(axis=1)]
-    return float(_hv(points, ref))
-
-
-def _hv(points: np.ndarray, ref: np.ndarray) -> float:
     if len(points) == 0:
         return 0.0
     if points.shape[1] == 1:
         return float(points.max() - ref[0])
-    if points.shape[1] == 2:
-        return _hv_2d(points, ref)
-    points = points[_nondominated_kd(points)]
-    points = points[np.argsort(-points[:, -1], kind="stable")]
-    z = points[:, -1]
-    heights = z - np.concatenate((z[1:], ref[-1:]))     # slab between consecutive z levels
-    return float(sum(_hv(points[: i + 1, :-1], ref[:-1]) * h
-                     for i, h in enumerate(heights) if h > 0))
+    return float(moocore.hypervolume(points, ref=ref, maximise=True))
 
 
-def _hv_2d(points: np.ndarray, ref: np.ndarray) -> float:
-    """Sweep by x descending: each point adds the strip between the best y so far and its
-    own y (if higher), as wide as its distance to the reference in x."""
-    order = np.lexsort((-points[:, 1], -points[:, 0]))
-    x, y = points[order, 0], points[order, 1]
-    best_y = np.maximum.accumulate(y)
-    gain = np.diff(np.concatenate(([ref[1]], best_y)))
-    return float(np.sum((x - ref[0]) * gain))
+def front_summary(df: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES,
+                  exclude_flagged: bool = False) -> dict[str, Any]:
+    """What a run's manifest says of its front: the objectives, the front's size, its knee and
+    the hypervolume of the candidates with the reference it was taken from."""
+    if df.empty:
+        return {"objectives": list(objectives), "size": 0, "knee": None, "hypervolume": 0.0,
+                "reference": None}
+    pool = df[~flagged_mask(df)] if exclude_flagged else df
+    front = pareto_front(pool, objectives)
+    points = _objective_matrix(pool.loc[_candidate_mask(pool, objectives, False)], objectives)
+    ref = reference_point(points, objectives)
+    return {"objectives": list(objectives), "size": len(front),
+            "knee": str(front.loc[knee(front, objectives), "trial_id"]) if not front.empty else None,
+            "hypervolume": points_hypervolume(points, objectives, ref),
+            "reference": [float(v) for v in ref]}
 
 
 # ---------------------------------------------------------------------------- knee
@@ -364,7 +351,7 @@ def knee(front_df: pd.DataFrame, objectives: Sequence[str] = DEFAULT_OBJECTIVES)
     order its rows come in (records are read in trial-id order, and ids are random)."""
     if front_df.empty:
         raise ValueError("knee of an empty front is undefined")
-    points = _objective_matrix(front_df, objectives)
+    points = _signed_matrix(front_df, objectives)
     span = points.max(axis=0) - points.min(axis=0)
     norm = np.divide(points - points.min(axis=0), span,
                      out=np.zeros_like(points), where=span > 0)
