@@ -37,7 +37,7 @@ _NOT_METRICS = {"epoch", "start_epoch", "timestamp", "time_this_iter_s", "time_t
                 "time_since_restore", "iterations_since_restore", "training_iteration", "pid",
                 "done", "epochs"}
 _IDENTITY_TAGS = ("defense", "status", "robust_attack", "final_attack", "checkpoint", "error",
-                  "warning", "started_at", "finished_at")
+                  "warning", "started_at", "finished_at", "cost_unit")
 _MLFLOW_STATUS = {COMPLETED: "FINISHED", FAILED: "FAILED"}
 
 
