@@ -23,7 +23,7 @@ from defenses.core.cache import atomic_write  # noqa: E402
 from orchestrator.cli import BadInput, add_device_options, complain, device_of  # noqa: E402
 
 BENCHMARKS = {"b1": "bench.b1_step", "b2": "bench.b2_attacks", "b3": "bench.b3_overhead",
-              "b4": "bench.b4_search", "b5": "bench.b5_aggregate",
+              "b4": "bench.b4_search", "b4sat": "bench.b4_sat", "b5": "bench.b5_aggregate",
               "b7": "bench.b7_early_stopping", "b8": "bench.b8_cluster"}
 ON_DEVICE = ("b1", "b2")  # the benchmarks that run models in this process (the rest drive sweeps)
 
