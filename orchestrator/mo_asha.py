@@ -8,16 +8,16 @@ trial that reports a rung's epoch is recorded there and goes on only if it ranks
 ``ceil(n / reduction_factor)`` of the ``n`` trials recorded at that rung so far (itself
 included), as Ray's ``AsyncHyperBandScheduler`` cuts at the ``1 − 1/reduction_factor``
 quantile. The ranking: non-dominated sorting (``moocore.pareto_rank``; accuracies maximized,
-``val.cost``, the device-seconds so far, minimized), within a layer by NSGA-II's crowding distance, largest first (the paper's
-alternatives are an ε-net or the hypervolume contribution; crowding keeps a layer's extremes
+``val.cost``, the device-seconds so far, minimized), within a layer by NSGA-II's crowding
+distance, largest first (the paper's alternatives are an ε-net or the hypervolume contribution; crowding keeps a layer's extremes
 first, so a trial that is best on one objective is never stopped while it is in the first
 layer). Decisions are asynchronous: a trial is judged against the rung as it is when it
 arrives, never waits for others, and is never promoted later.
 
 The objectives are the trial's per-epoch validation numbers (``orchestrator.trial``:
 ``val.clean_acc`` and ``val.robust_acc``, APGD-CE-10 on held-out training images, and
-``val.cost`` when cost is an objective), not its
-final test-set evaluation, which runs only once a trial has trained every epoch."""
+``val.cost`` when cost is an objective), not its final test-set evaluation, which runs only
+once a trial has trained every epoch."""
 from __future__ import annotations
 
 import logging

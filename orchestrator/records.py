@@ -24,6 +24,11 @@ RUNNING = "running"
 OBJECTIVES: dict[str, str] = {"clean_acc": "maximize", "robust_acc": "maximize", "cost": "minimize"}
 
 
+def tune_modes(objectives: list[str]) -> list[str]:
+    """The objectives' directions in Ray Tune's words ("max" / "min")."""
+    return ["min" if OBJECTIVES[o] == "minimize" else "max" for o in objectives]
+
+
 def objectives_problem(objectives: list[str]) -> str | None:
     """What is wrong with a list of objectives (a spec's, ``--objectives``), with its fix."""
     unknown = next((o for o in objectives if o not in OBJECTIVES), None)

@@ -484,10 +484,10 @@ def make_scheduler(spec: SweepSpec):
     if s.name == "none":
         return None
     from orchestrator.mo_asha import MOASHA
-    from orchestrator.records import OBJECTIVES
+    from orchestrator.records import tune_modes
 
     return MOASHA([f"val.{o}" for o in spec.objectives], spec.epochs, s.grace_period, s.reduction_factor,
-                  mode=[OBJECTIVES[o][:3] for o in spec.objectives])
+                  mode=tune_modes(spec.objectives))
 
 
 EXPERIMENT = "sweep"  # the Tune experiment's folder in the storage: STORAGE/sweep

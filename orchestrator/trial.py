@@ -127,14 +127,15 @@ def run_trial(config: dict[str, Any], reporter: Reporter | None = None,
         def on_epoch(epoch: int, metrics: dict[str, float], seconds: float) -> None:
             nonlocal validation_seconds
             record.epochs = epoch
-            if chief and spec.scheduler.name != "none":  # what the early-stopping rungs rank
+            ranked = chief and spec.scheduler.name != "none"  # what the early-stopping rungs rank
+            if ranked:
                 t0 = time.perf_counter()
                 with parallel.local_only():
                     validation.update(validation_objectives(s))
                 validation_seconds += time.perf_counter() - t0
-                metrics = {**metrics, **validation, "val_seconds": validation_seconds,
-                           "val.cost": cost_before + clock()}  # cost so far: what rungs rank on
-            cost = cost_before + clock()
+            cost = cost_before + clock()  # so far, the validation included
+            if ranked:
+                metrics = {**metrics, **validation, "val_seconds": validation_seconds, "val.cost": cost}
             with tempfile.TemporaryDirectory() as tmp:
                 if chief:
                     save_checkpoint(Path(tmp), s, epoch, seconds_before + seconds,

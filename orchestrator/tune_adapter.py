@@ -29,8 +29,8 @@ from ray import tune
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.records import (FAILED, OBJECTIVES, RUNNING, STOPPED, TrialRecord, iso_utc,
-                                  load_record, record_path, save_record)
+from orchestrator.records import (FAILED, RUNNING, STOPPED, TrialRecord, iso_utc,
+                                  load_record, record_path, save_record, tune_modes)
 from orchestrator.spec import SweepSpec
 from orchestrator.trial import final_metrics, new_record, run_trial
 from orchestrator.training import CHECKPOINT_FILE
@@ -427,7 +427,7 @@ def make_searcher(spec: SweepSpec, defense: str, run_dir: Path):
     seed = (spec.seed * 1_000_003 + zlib.crc32(defense.encode())) % 2**31
     return RecordedSearch(
         space=OptunaSearch.convert_search_space({"hp": build_space(spec, defense)}),
-        metric=list(spec.objectives), mode=[OBJECTIVES[o][:3] for o in spec.objectives],
+        metric=list(spec.objectives), mode=tune_modes(spec.objectives),
         sampler=_samplers()[spec.search](seed, spec.trials_for(defense)),
         study_name=study_name(spec, defense), storage=optuna_storage(run_dir), run_dir=run_dir)
 
