@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -161,6 +162,14 @@ def checkpoint(m: Model, sp: SweepSpec, run_dir: Path, device: torch.device) -> 
     return folder / "checkpoint.pt"
 
 
+def lazy_setup(m: Model, sp: SweepSpec, run_dir: Path,
+               device: torch.device) -> Callable[[], TrialSetup]:
+    """The restored model of ``m``, trained and loaded on first call only: a rerun whose
+    evaluations are all cached (e.g. the committed experiments/claims_evals copied into a fresh
+    run dir) trains nothing."""
+    return functools.cache(lambda: restore(checkpoint(m, sp, run_dir, device), sp, run_dir, device))
+
+
 # ---------------------------------------------------------------- evaluations (cached)
 
 def code_digest(defense: str) -> str:
@@ -244,19 +253,18 @@ def sanity(run_dir: Path, sp: SweepSpec, n: int, device: torch.device) -> list[s
             "| fgsm → pgd-40 → pgd_cw-40 | AA − PGD-40 | flags (AutoAttack run) |",
             "|---|---|---|---|---|---|---|---|---|"]
     for m in (STANDARD, PGD_AT):
-        s = restore(checkpoint(m, sp, run_dir, device), sp, run_dir, device)
-        pred = s.defense.predictor()
+        s = lazy_setup(m, sp, run_dir, device)
         key = {"model": m.key, "n": n, "eps": EPS, "code": code_digest(m.defense)}
         pgd = cached(run_dir, {**key, "what": "pgd40"},
-                     lambda: robust_eval(s, SANITY_PGD, EPS, n, False, False))
+                     lambda: robust_eval(s(), SANITY_PGD, EPS, n, False, False))
         restarts = cached(run_dir, {**key, "what": "pgd40x5"}, lambda: robust_eval(
-            s, (PGD(pred, EPS, steps=40, restarts=5),), EPS, n, False, False))
+            s(), (PGD(s().defense.predictor(), EPS, steps=40, restarts=5),), EPS, n, False, False))
         big = cached(run_dir, {**key, "what": "pgd40-big-step"}, lambda: robust_eval(
-            s, (PGD(pred, EPS, steps=40, alpha=EPS / 4),), EPS, n, False, False))
+            s(), (PGD(s().defense.predictor(), EPS, steps=40, alpha=EPS / 4),), EPS, n, False, False))
         aa = cached(run_dir, {**key, "what": "aa", "attacks": STRONG},
-                    lambda: robust_eval(s, STRONG, EPS, n, False, True))
+                    lambda: robust_eval(s(), STRONG, EPS, n, False, True))
         fnd = cached(run_dir, {**key, "what": "foundation"},
-                     lambda: robust_eval(s, FOUNDATION, EPS, n, False, False))
+                     lambda: robust_eval(s(), FOUNDATION, EPS, n, False, False))
         raised = ", ".join(k for k, v in aa["flags"].items() if v) or "none"
         rows.append(f"| {m.key} | {pct(pgd['clean'], n)} | {pct(pgd['robust'], n)} "
                     f"| {pct(restarts['robust'], n)} | {pct(big['robust'], n)} "
@@ -296,17 +304,17 @@ def ledger(run_dir: Path, sp: SweepSpec, n: int, device: torch.device) -> tuple[
 def evaluate_claim(c: Claim, run_dir: Path, sp: SweepSpec, n: int,
                    device: torch.device) -> tuple[dict, dict]:
     """(the paper's attack, the strongest cascade) on the claim's model, cached."""
-    s = restore(checkpoint(c.model, sp, run_dir, device), sp, run_dir, device)
+    s = lazy_setup(c.model, sp, run_dir, device)
     key = {"model": c.model.key, "n": n, "eps": c.eps, "code": code_digest(c.model.defense)}
     if c.metric == "detection":
         paper = cached(run_dir, {**key, "what": "detection", "attacks": c.paper_attacks},
-                       lambda: detection_eval(s, c.paper_attacks, c.eps, n))
+                       lambda: detection_eval(s(), c.paper_attacks, c.eps, n))
     else:
         attacks = paper_attacks_of(c)
         paper = cached(run_dir, {**key, "what": "paper", "attacks": attacks},
-                       lambda: robust_eval(s, attacks, c.eps, n, False, False))
+                       lambda: robust_eval(s(), attacks, c.eps, n, False, False))
     strong = cached(run_dir, {**key, "what": "strongest", "attacks": STRONG},
-                    lambda: robust_eval(s, (*STRONG, "adaptive"), c.eps, n, True, True))
+                    lambda: robust_eval(s(), (*STRONG, "adaptive"), c.eps, n, True, True))
     return paper, strong
 
 
