@@ -11,14 +11,21 @@ search-time cascade. mo_asha runs at each (grace_period, reduction_factor) of ``
 Target: ≥ 95 % of the hypervolume with ≤ 55 % of the trial-seconds."""
 from __future__ import annotations
 
+import argparse
+import contextlib
 import tempfile
 from pathlib import Path
 
+import pandas as pd
+
 from bench.common import load_line, section, sweep_cli, table
 
+# train: training images per epoch; None = mnist5k's whole training split (3,744 after the 256
+# validation images). The full mode trains on all of it: at 600 images an epoch is 12 steps of
+# 50, and what a model shows after 12 steps says little about where it ends (measured, BENCHMARKS)
 SETTINGS = {"tiny": dict(trials=2, epochs=2, train=200, eval=50),
             "quick": dict(trials=8, epochs=6, train=400, eval=100),
-            "full": dict(trials=16, epochs=6, train=600, eval=200)}
+            "full": dict(trials=16, epochs=6, train=None, eval=200)}
 # mo_asha's (grace_period, reduction_factor): the first judges after one epoch of six (rungs 1
 # and 3), the second after two (one rung, at 2): more evidence before the only cut
 ARMS = ((1, 3), (2, 3))
@@ -26,7 +33,8 @@ ARMS = ((1, 3), (2, 3))
 
 def spec(cfg: dict, scheduler: str, grace_period: int = 1, reduction_factor: float = 3) -> dict:
     return {"name": f"bench-b7-{scheduler}", "dataset": "mnist5k", "model": "small_cnn",
-            "epochs": cfg["epochs"], "train_samples": cfg["train"], "eval_samples": cfg["eval"],
+            "epochs": cfg["epochs"], "eval_samples": cfg["eval"],
+            **({} if cfg["train"] is None else {"train_samples": cfg["train"]}),
             "batch_size": 50, "search": "random", "seed": 7,
             "scheduler": {"name": scheduler, "grace_period": grace_period,
                           "reduction_factor": reduction_factor},
@@ -35,14 +43,16 @@ def spec(cfg: dict, scheduler: str, grace_period: int = 1, reduction_factor: flo
             "defenses": {"pgd_at": {"trials": cfg["trials"]}, "trades": {"trials": cfg["trials"]}}}
 
 
-def run(mode: str) -> str:
+def run(mode: str, keep: Path | None = None) -> str:
+    """The B7 section; ``keep``: a folder to leave the sweeps in (their trials' per-epoch
+    results, for reading which configurations a rung stopped), else a temporary one."""
     from orchestrator.aggregate import hypervolume, pareto_front
 
     cfg = SETTINGS[mode]
     started = load_line()
-    rows, measured = [], {}
+    rows, measured, fronts = [], {}, {}
     arms = [("none", 1, 3)] + [("mo_asha", g, r) for g, r in ARMS if g < cfg["epochs"]]
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory() as tmp:
         for scheduler, grace, factor in arms:
             name = scheduler if scheduler == "none" else f"mo_asha-g{grace}-r{factor}"
             wall, df = sweep_cli(spec(cfg, scheduler, grace, factor), Path(tmp), name)
@@ -51,21 +61,41 @@ def run(mode: str) -> str:
             hv = float(hypervolume(pareto_front(df)))
             stopped = df[df.status == "stopped"]
             measured[name] = (seconds, cost, hv)
+            fronts[name] = _configurations(pareto_front(df))
+            finished = _configurations(df[df.status == "completed"])
             s0, c0, h0 = measured["none"]
             rows.append([name if scheduler == "none" else f"mo_asha, grace {grace}, factor {factor}",
                          len(df), len(stopped),
                          ", ".join(f"{e}" for e in sorted(stopped.epochs.astype(int))) or "—",
                          f"{seconds:.0f} ({seconds / s0:.2f}×)", f"{cost:.0f} ({cost / c0:.2f}×)",
-                         f"{wall:.0f}", f"{hv:.4f} ({hv / h0:.3f}×)"])
-    body = (f"pgd_at and trades, {cfg['trials']} trials each, {cfg['epochs']} epochs on {cfg['train']} "
-            f"mnist5k images, train_steps 3, search-time cascade `fast` on {cfg['eval']} test images at "
+                         f"{wall:.0f}", f"{hv:.4f} ({hv / h0:.3f}×)",
+                         f"{len(fronts['none'] & finished)} of {len(fronts['none'])}"])
+    images = "all 3,744" if cfg["train"] is None else f"{cfg['train']}"
+    body = (f"pgd_at and trades, {cfg['trials']} trials each, {cfg['epochs']} epochs on {images} "
+            f"mnist5k training images, train_steps 3, search-time cascade `fast` on {cfg['eval']} test images at "
             "ε = 0.3, random search, seed 7 (the same configurations in every sweep); ratios are to "
             "no stopping. Target: ≥ 95 % of the hypervolume with ≤ 55 % of the trial-seconds.\n\n"
             + table(["scheduler", "trials", "stopped", "stopped at epoch", "trial-seconds",
-                     "Σ cost (CPU-s)", "wall s", "front hypervolume"], rows))
+                     "Σ cost (CPU-s)", "wall s", "front hypervolume",
+                     "unstopped front's configurations that finished"], rows))
     return section(f"B7 early stopping (mode {mode})",
                    f"python bench/run.py --only b7{'' if mode == 'full' else ' --' + mode}", body, started)
 
 
-if __name__ == "__main__":
-    print(run("tiny"))
+def _configurations(df) -> set[tuple]:
+    """Each row's (defense, hyperparameters): the same seed draws the same ones in every arm."""
+    hp = sorted(c for c in df.columns if c.startswith("hp."))
+
+    def value(v):  # NaN (an hp of the other defense) never equals itself: None instead
+        return None if pd.isna(v) else round(float(v), 12) if isinstance(v, float) else v
+    return {(d, *map(value, vals)) for d, *vals in df[["defense", *hp]].itertuples(index=False)}
+
+
+if __name__ == "__main__":  # python -m bench.b7_early_stopping [--mode full] [--keep DIR]
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", choices=list(SETTINGS), default="tiny")
+    p.add_argument("--keep", type=Path, default=None, help="leave the sweeps in this folder")
+    a = p.parse_args()
+    if a.keep:
+        a.keep.mkdir(parents=True, exist_ok=True)
+    print(run(a.mode, a.keep))
