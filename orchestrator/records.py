@@ -2,6 +2,7 @@
 aggregator, the dashboard and the exporters. Nobody re-parses Tune's internals."""
 from __future__ import annotations
 
+import csv
 import dataclasses
 import datetime as dt
 import difflib
@@ -188,3 +189,29 @@ def load_records(run_dir: Path) -> list[TrialRecord]:
     if not folder.is_dir():
         return []
     return [load_record(p) for p in sorted(folder.glob("*.json"))]
+
+
+def trial_seconds_by_defense(path: str | Path) -> dict[str, float]:
+    """Per defense, the mean seconds its completed trials held a slot (``finished_at`` −
+    ``started_at``) in an earlier run's ``trials.csv`` (``path``: the file or its run folder):
+    the ``cost_prior`` of ``start_order: longest_first``. ValueError, naming the fix, when there
+    is no such file or it has no completed trial with both times."""
+    path = Path(path)
+    csv_path = path / "trials.csv" if path.is_dir() else path
+    if not csv_path.is_file():
+        raise ValueError(f"no trials.csv at {path}; give an earlier run's folder or its "
+                         "trials.csv")
+    seconds: dict[str, list[float]] = {}
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                span = (dt.datetime.fromisoformat(row["finished_at"])
+                        - dt.datetime.fromisoformat(row["started_at"])).total_seconds()
+            except (KeyError, TypeError, ValueError):  # no times: an older run's file, or a failed trial
+                continue
+            if row.get("status") == COMPLETED and span >= 0:
+                seconds.setdefault(row["defense"], []).append(span)
+    if not seconds:
+        raise ValueError(f"{csv_path} has no completed trial with started_at and finished_at; "
+                         "give the trials.csv of a run that finished trials")
+    return {d: sum(v) / len(v) for d, v in seconds.items()}

@@ -15,7 +15,9 @@ import logging
 import math
 import os
 import pickle
+import statistics
 import threading
+import time
 import uuid
 import warnings
 import zlib
@@ -434,10 +436,18 @@ def make_searcher(spec: SweepSpec, defense: str, run_dir: Path):
 
 def make_router(spec: SweepSpec, run_dir: Path) -> "DefenseRouter":
     """The sweep's search algorithm: every defense's searcher behind one ``DefenseRouter``."""
+    from orchestrator.records import trial_seconds_by_defense
+
+    try:
+        prior = trial_seconds_by_defense(spec.cost_prior) if spec.cost_prior else {}
+    except ValueError as e:  # gone since the spec was parsed (a resumed run's): a hint, not a need
+        log.warning("cost_prior ignored: %s", e)
+        prior = {}
     return DefenseRouter({d: make_searcher(spec, d, run_dir) for d in spec.defenses},
                          {d: spec.trials_for(d) for d in spec.defenses},
                          {d: spec.resources_for(d).max_concurrent for d in spec.defenses},
-                         adaptive=spec.allocation == "adaptive", objectives=spec.objectives)
+                         adaptive=spec.allocation == "adaptive", objectives=spec.objectives,
+                         longest_first=spec.start_order == "longest_first", prior=prior)
 
 
 class DefenseRouter(Searcher):
@@ -454,6 +464,16 @@ class DefenseRouter(Searcher):
     another's slowest trial. A defense at its own ``max_concurrent`` running trials is passed
     over until one ends (with every open defense there, Tune is told to ask later).
 
+    ``start_order: longest_first``: among the defenses that may get the trial, the one whose
+    trials are expected to run longest goes first (list scheduling's "longest processing
+    time first": the sweep's last wave then holds short trials, not a long one that leaves
+    the other slots idle). Expected, per defense, from the seconds its trials of this sweep
+    took (from suggestion to completion) and the longest one still running: the larger of
+    their mean and that one's seconds so far (a mean of the finished alone is low early on,
+    when only the short trials have finished); and from ``prior`` (seconds per trial from an
+    earlier run, ``cost_prior``): the larger of the two. A defense with no estimate yet goes
+    first, by share, so every defense's first trials start early.
+
     ``allocation: adaptive``: the sweep's total budget stays the sum of the defenses' trials,
     and every defense first gets its floor, half its own trials (rounded up), picked as
     above. The rest goes one trial at a time to the defense whose completed trials add the
@@ -467,7 +487,9 @@ class DefenseRouter(Searcher):
 
     def __init__(self, searchers: dict[str, Searcher], budget: dict[str, int],
                  max_concurrent: dict[str, int | None] | None = None, adaptive: bool = False,
-                 objectives: Sequence[str] = ("clean_acc", "robust_acc")):
+                 objectives: Sequence[str] = ("clean_acc", "robust_acc"),
+                 longest_first: bool = False, prior: dict[str, float] | None = None,
+                 clock: Callable[[], float] = time.time):
         super().__init__(metric=None, mode=None)
         self._searchers = dict(searchers)
         self._budget = dict(budget)
@@ -479,6 +501,9 @@ class DefenseRouter(Searcher):
         self._owner: dict[str, str] = {}
         self._running: set[str] = set()
         self._points: dict[str, list[tuple[float, ...]]] = {d: [] for d in searchers}
+        self._longest_first, self._prior, self._clock = longest_first, dict(prior or {}), clock
+        self._began: dict[str, float] = {}  # trial id -> when it was suggested (clock)
+        self._seconds: dict[str, list[float]] = {d: [] for d in searchers}  # finished trials'
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return not config  # each defense's searcher holds its own space and objectives
@@ -498,11 +523,28 @@ class DefenseRouter(Searcher):
         def share(d: str) -> float:
             return self._suggested[d] / self._budget[d]
 
+        def first(d: str) -> tuple:  # the smallest goes first
+            if not self._longest_first:
+                return (share(d),)
+            expected = self.expected_seconds(d)
+            return (0, share(d)) if expected is None else (1, -expected, share(d))
+
         below = [d for d in free if self._suggested[d] < self._floor[d]]
         if below or not free:
-            return min(below, key=share, default=None)
+            return min(below, key=first, default=None)
         gain = self.contributions()  # adaptive, every floor given
         return max(free, key=lambda d: (gain[d], -share(d)))
+
+    def expected_seconds(self, defense: str) -> float | None:
+        """How long ``defense``'s next trial is expected to hold its slot (``longest_first``),
+        None before any of its trials finished and without a prior."""
+        now = self._clock()
+        done = self._seconds[defense]
+        running = [now - self._began[t] for t in self._running
+                   if self._owner[t] == defense and t in self._began]
+        online = max([statistics.mean(done)] + running) if done else None
+        known = [x for x in (online, self._prior.get(defense)) if x is not None]
+        return max(known) if known else None
 
     def contributions(self) -> dict[str, float]:
         """Per defense, the hypervolume the front of all completed trials loses without its
@@ -531,6 +573,7 @@ class DefenseRouter(Searcher):
         self._owner[trial_id] = defense
         self._suggested[defense] += 1
         self._running.add(trial_id)
+        self._began[trial_id] = self._clock()
         return {"defense": defense, **config}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -542,6 +585,10 @@ class DefenseRouter(Searcher):
         if trial_id not in self._owner:
             return
         defense = self._owner[trial_id]
+        began = self._began.pop(trial_id, None)
+        if began is not None and not error and (result or {}).get("status") != RUNNING:
+            # a trial that ended on a per-epoch result was stopped early: not a whole trial
+            self._seconds[defense].append(self._clock() - began)
         values = [(result or {}).get(k) for k in self._objectives]
         if not error and (result or {}).get("status") != RUNNING and \
                 all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
@@ -558,6 +605,8 @@ class DefenseRouter(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
+        # the trials that were running start again now: the driver's downtime is no trial's
+        self._began.update({t: self._clock() for t in self._running if t in self._began})
 
 
 class TrialResources:

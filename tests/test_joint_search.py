@@ -5,10 +5,11 @@ from datetime import datetime
 
 import optuna
 import pandas as pd
+import pytest
 import yaml
 
 from orchestrator import sweep
-from orchestrator.spec import parse
+from orchestrator.spec import SpecError, parse
 from orchestrator.tune_adapter import DefenseRouter, make_router
 
 RESULT = {"clean_acc": 0.9, "robust_acc": 0.4}
@@ -115,3 +116,57 @@ def test_adaptive_allocation_without_results_is_the_fixed_order(tmp_path):
     adaptive = make_router(parse({**raw, "allocation": "adaptive"}), tmp_path / "b")
     assert [fixed.suggest(f"t{i}")["defense"] for i in range(6)] == \
         [adaptive.suggest(f"t{i}")["defense"] for i in range(6)]
+
+
+class Clock:
+    """The router's clock, moved by hand."""
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_longest_first_starts_the_defense_whose_trials_run_longest(tmp_path):
+    spec = parse({"name": "lpt", "search": "random", "start_order": "longest_first",
+                  "defenses": {"standard": {"trials": 3}, "pgd_at": {"trials": 4}}})
+    clock = Clock()
+    router = make_router(spec, tmp_path)
+    router._clock = clock
+    # nothing known yet: every defense's first trials, interleaved by share
+    assert [router.suggest(t)["defense"] for t in ("s1", "p1", "p2")] == ["standard", "pgd_at", "pgd_at"]
+    clock.now = 5.0
+    router.on_trial_complete("p2", RESULT)   # a short pgd_at trial: 5 s
+    clock.now = 10.0
+    router.on_trial_complete("s1", RESULT)   # standard's: 10 s
+    clock.now = 40.0                          # p1 has run 40 s and runs on
+    # pgd_at's finished mean (5 s) alone would say standard; its running trial says 40 s
+    assert router.expected_seconds("pgd_at") == 40.0 and router.expected_seconds("standard") == 10.0
+    assert router.suggest("x")["defense"] == "pgd_at"
+    (tmp_path / "i").mkdir()
+    fixed = make_router(parse({**spec.model_dump(), "start_order": "interleaved"}), tmp_path / "i")
+    assert [fixed.suggest(t)["defense"] for t in ("s1", "p1", "p2", "x")][-1] == "standard"
+
+
+def test_a_cost_prior_from_an_earlier_run_orders_the_first_trials(tmp_path):
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    pd.DataFrame({"trial_id": ["a", "b", "c", "d"], "defense": ["standard", "trades", "pgd_at", "trades"],
+                  "status": ["completed", "completed", "completed", "failed"],
+                  "started_at": ["2026-12-01T00:00:00+00:00"] * 4,
+                  "finished_at": ["2026-12-01T00:00:10+00:00", "2026-12-01T00:01:40+00:00",
+                                  "2026-12-01T00:00:50+00:00", "2026-12-01T00:10:00+00:00"]}
+                 ).to_csv(earlier / "trials.csv", index=False)
+    spec = parse({"name": "prior", "search": "random", "start_order": "longest_first",
+                  "cost_prior": str(earlier),
+                  "defenses": {"standard": {"trials": 2}, "pgd_at": {"trials": 2}, "trades": {"trials": 2}}})
+    router = make_router(spec, tmp_path)
+    assert router._prior == {"standard": 10.0, "trades": 100.0, "pgd_at": 50.0}  # the failed one left out
+    order = [router.suggest(f"t{i}")["defense"] for i in range(6)]
+    assert order == ["trades", "trades", "pgd_at", "pgd_at", "standard", "standard"]
+
+    # a trials.csv without a completed trial (e.g. one of a run that failed) is refused at parse
+    pd.read_csv(earlier / "trials.csv").assign(status="failed").to_csv(earlier / "trials.csv", index=False)
+    with pytest.raises(SpecError, match="has no completed trial with started_at and finished_at"):
+        parse({"start_order": "longest_first", "cost_prior": str(earlier / "trials.csv"),
+               "defenses": ["standard"]})

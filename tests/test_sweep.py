@@ -149,6 +149,10 @@ def test_nan_trial_is_failed_and_the_sweep_goes_on(ray_session, tmp_path):
     ({"defenses": ["standard"], "objectives": ["cost"]}, "at least two"),
     ({"defenses": ["standard"], "objectives": ["clean_acc", "cost", "cost"]}, "'cost' is listed twice"),
     ({"defenses": ["standard"], "allocation": "greedy"}, "'fixed' or 'adaptive'"),
+    ({"defenses": ["standard"], "start_order": "lpt"}, "'interleaved' or 'longest_first'"),
+    ({"defenses": ["standard"], "cost_prior": "/"}, "only with start_order: longest_first"),
+    ({"defenses": ["standard"], "start_order": "longest_first", "cost_prior": "/no/such/run"},
+     "no trials.csv at /no/such/run; give an earlier run's folder"),
 ])
 def test_bad_input_exits_2_before_ray(no_ray, tmp_path, capsys, over, needle):
     err = run_bad(capsys, ["--spec", write_spec(tmp_path, **over), "--out", str(tmp_path / "o")])
