@@ -1,6 +1,6 @@
 """B8: a simulated large cluster — slot use and makespan of one Tune run for every defense
-(``DefenseRouter``, today's design) against one Tune run per defense in sequence (the design
-before it), on the same trials.
+(``DefenseRouter``, today's design, with each ``start_order``) against one Tune run per
+defense in sequence (the design before it), on the same trials.
 
 The real search code (``make_router``: every defense's Optuna study, Tune's controller and
 actor reuse) runs on a local Ray that declares ``slots`` logical CPUs; each trial holds one
@@ -10,11 +10,17 @@ lasts ``mean_s`` seconds. 16 trials per defense: each sleeps one of its defense'
 durations times a jitter in [0.8, 1.2], both picked by a hash of its configuration (random
 search draws the same configurations in both designs, so both sleep the same).
 
+The joint designs: ``start_order: interleaved`` (the default), ``longest_first`` learning
+each defense's trial seconds as the sweep goes, and ``longest_first`` with ``cost_prior``:
+the recorded run's seconds per defense (scaled as the sleeps are), given as the trials.csv
+an earlier run leaves.
+
 Slots busy = Σ trial sleep seconds / (slots × makespan); makespan = the wall time of the
 design's ``fit`` calls, Tune's own overheads included. Beside it, the makespan the same trials
-would take with no overhead at all (list-scheduled in the order they started), and started
-longest first: how much of a miss is this machine and Tune, and how much the trials
-themselves (a few long trials in the last wave leave slots idle whatever runs them)."""
+would take with no overhead at all (list-scheduled in the order they started): how much of a
+miss is this machine and Tune, and how much the trials themselves (a few long trials in the
+last wave leave slots idle whatever runs them). ``simulate`` runs the router itself on a
+clock with no overhead at all, over many draws of the durations."""
 from __future__ import annotations
 
 import heapq
@@ -24,15 +30,26 @@ import time
 import zlib
 from pathlib import Path
 
+from ray.tune.search import Searcher
+
 from bench.common import load_line, section, table
 
 ROOT = Path(__file__).resolve().parent.parent
 # train_seconds + eval_seconds per trial of the default preset's search
 # (python orchestrator/sweep.py --out RUN --final-eval none; 2 trials per defense)
 DURATIONS = json.loads((Path(__file__).with_name("b8_durations.json")).read_text())
+# full: 52 slots, where the no-overhead simulation of the router with a cost prior meets both
+# targets (``python -m bench.b8_cluster --orders``: from 52 to 56 slots; at 48 the makespan
+# ratio is under 4x, from 60 on the last wave leaves more than 15 % of the slots idle); trials
+# of 40 s on average, so that this machine's start of 52 trial processes on 2 cores (about a
+# second each) is not most of the makespan
 SETTINGS = {"tiny": dict(slots=8, trials=2, mean_s=0.5, defenses=3),
             "quick": dict(slots=32, trials=16, mean_s=8.0, defenses=10),
-            "full": dict(slots=64, trials=16, mean_s=15.0, defenses=10)}
+            "full": dict(slots=52, trials=16, mean_s=40.0, defenses=10)}
+# the joint run's start orders: (spec keys, label)
+ORDERS = (({"start_order": "interleaved"}, "joint, interleaved"),
+          ({"start_order": "longest_first"}, "joint, longest_first"),
+          ({"start_order": "longest_first", "cost_prior": "PRIOR"}, "joint, longest_first + cost_prior"))
 
 
 def sleep_seconds(defense: str, hp: dict, scale: float) -> float:
@@ -52,11 +69,24 @@ def sleeper(config: dict, scale: float) -> None:
     tune.report({"clean_acc": u, "robust_acc": 1 - u, "slept": time.time() - t0, "t0": t0})
 
 
-def spec_for(defenses: list[str], trials: int):
+def spec_for(defenses: list[str], trials: int, **order):
     from orchestrator.spec import parse
 
-    return parse({"name": "b8", "search": "random",
+    return parse({"name": "b8", "search": "random", **order,
                   "defenses": {d: {"trials": trials} for d in defenses}})
+
+
+def write_prior(folder: Path, defenses: list[str], scale: float) -> Path:
+    """The recorded run as the trials.csv an earlier run leaves: one completed trial per
+    recorded duration (scaled), so ``cost_prior`` reads each defense's mean."""
+    import pandas as pd
+
+    from orchestrator.records import iso_utc
+
+    rows = [{"trial_id": f"{d}-{i}", "defense": d, "status": "completed", "started_at": iso_utc(0),
+             "finished_at": iso_utc(x * scale)} for d in defenses for i, x in enumerate(DURATIONS[d])]
+    pd.DataFrame(rows).to_csv(folder / "trials.csv", index=False)
+    return folder / "trials.csv"
 
 
 def list_schedule(durations: list[float], slots: int) -> float:
@@ -100,79 +130,113 @@ def run(mode: str) -> str:
              configure_logging=False)
     try:
         with tempfile.TemporaryDirectory() as tmp:
+            prior = str(write_prior(Path(tmp), defenses, scale))
             measured, bounds = {}, {}
-            for design in ("sequential", "joint"):
-                out = Path(tmp) / design
+            for i, (order, label) in enumerate((({}, "sequential"),) + ORDERS):
+                order = {k: prior if v == "PRIOR" else v for k, v in order.items()}
+                out = Path(tmp) / f"design{i}"
                 out.mkdir()
                 t0 = time.perf_counter()
-                runs = [fit(spec_for(defenses, cfg["trials"]), out, scale, "joint", cfg["slots"])] \
-                    if design == "joint" else \
-                    [fit(spec_for([d], cfg["trials"]), out, scale, d, cfg["slots"]) for d in defenses]
+                runs = [fit(spec_for([d], cfg["trials"]), out, scale, d, cfg["slots"]) for d in defenses] \
+                    if label == "sequential" else \
+                    [fit(spec_for(defenses, cfg["trials"], **order), out, scale, "joint", cfg["slots"])]
                 wall = time.perf_counter() - t0
                 slept = [x for r, _ in runs for x in r]
                 filling = sum(f for _, f in runs)
-                measured[design] = wall
+                measured[label] = wall
                 busy = sum(slept) / cfg["slots"]
                 # the same trials in the same order, with no overhead (per Tune run, summed)
                 ideal = sum(list_schedule(r, cfg["slots"]) for r, _ in runs)
-                bounds[design] = ideal
-                rows.append([design, len(runs), len(slept), f"{sum(slept):.0f}", f"{wall:.1f}",
+                bounds[label] = ideal
+                rows.append([label, len(runs), len(slept), f"{sum(slept):.0f}", f"{wall:.1f}",
+                             f"{measured['sequential'] / wall:.2f}×",
                              f"{filling:.1f}", f"{100 * busy / wall:.0f} %",
                              f"{100 * busy / (wall - filling):.0f} %",
-                             f"{ideal:.1f} ({100 * busy / ideal:.0f} % busy)"])
-            longest_first = list_schedule(sorted(slept, reverse=True), cfg["slots"])
+                             f"{ideal:.1f} ({bounds['sequential'] / ideal:.2f}×, {100 * busy / ideal:.0f} % busy)"])
     finally:
         ray.shutdown()
-    speedup = measured["sequential"] / measured["joint"]
     body = (f"{len(defenses)} defenses × {cfg['trials']} trials on {cfg['slots']} logical slots "
             f"(1 per trial); trial durations from a real default-preset run, scaled to a mean of "
             f"{cfg['mean_s']:g} s. Targets: ≥ 85 % of slots busy (joint), ≥ 4× shorter makespan.\n\n"
             + table(["design", "Tune runs", "trials", "Σ trial s", "makespan s",
-                     "until the first trial started s", "slots busy", "slots busy after the first start",
-                     "makespan with no overhead s"], rows)
-            + f"\n\nmakespan sequential / joint: **{speedup:.2f}×**; with no overhead at all "
-            f"(the same trials, each design's start order, list-scheduled): "
-            f"{bounds['sequential'] / bounds['joint']:.2f}×; joint, started longest first "
-            f"(which needs every duration in advance): {bounds['sequential'] / longest_first:.2f}×, "
-            f"{100 * sum(slept) / cfg['slots'] / longest_first:.0f} % busy")
+                     "makespan sequential / this", "until the first trial started s", "slots busy",
+                     "slots busy after the first start",
+                     "with no overhead: makespan s (sequential / this, slots busy)"], rows))
     return section(f"B8 a simulated large cluster (mode {mode})",
                    f"python bench/run.py --only b8{'' if mode == 'full' else ' --' + mode}", body, started)
 
 
-def start_orders(slots: int, draws: int = 200, trials: int = 16, defenses: int = 10) -> dict[str, tuple[float, float]]:
+class _Numbered(Searcher):
+    """A searcher that only numbers its suggestions: ``simulate`` needs the router's choice
+    of defense, not configurations."""
+
+    def __init__(self):
+        super().__init__(metric=None, mode=None)
+        self.n = 0
+
+    def suggest(self, trial_id: str) -> dict:
+        self.n += 1
+        return {"hp": {"n": self.n}}
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        pass
+
+
+def simulate(slots: int, order: str, draws: int = 200, trials: int = 16,
+             defenses: int = 10) -> tuple[float, float]:
     """With no overhead at all: the joint design's makespan speed-up over sequential and its
-    share of slots busy, means over ``draws`` random draws of B8's trial durations, for three
-    start orders of the joint run: ``interleaved`` (one defense after another, as the router
-    starts them under a fixed allocation), ``longest defense first`` (by each defense's
-    recorded mean duration, a cost known per defense before the sweep) and ``longest trial
-    first`` (every trial's duration known in advance; no searcher can know it)."""
+    share of slots busy, means over ``draws`` random draws of B8's trial durations. ``order``:
+    ``interleaved`` and ``longest_first`` (the router itself, ``DefenseRouter``, on a clock
+    that jumps from one trial's end to the next), ``cost_prior`` (``longest_first`` told each
+    defense's recorded mean duration, as ``cost_prior`` tells it), ``longest trial first``
+    (every trial's duration known in advance; no searcher can know it)."""
     import random
     import statistics
 
+    from orchestrator.tune_adapter import DefenseRouter
+
     names = sorted(DURATIONS)[:defenses]
-    prior = {d: statistics.mean(DURATIONS[d]) for d in names}
-    out: dict[str, list[tuple[float, float]]] = {}
+    speedups, busy = [], []
     for draw in range(draws):
         rng = random.Random(draw)
         sec = {d: [rng.choice(DURATIONS[d]) * (0.8 + 0.4 * rng.random()) for _ in range(trials)]
                for d in names}
+        total = sum(map(sum, sec.values()))
         sequential = sum(list_schedule(sec[d], slots) for d in names)
-        every = [x for d in names for x in sec[d]]
-        for order, durations in (
-                ("interleaved", [sec[d][i] for i in range(trials) for d in names]),
-                ("longest defense first", [x for d in sorted(names, key=prior.get, reverse=True) for x in sec[d]]),
-                ("longest trial first", sorted(every, reverse=True))):
-            m = list_schedule(durations, slots)
-            out.setdefault(order, []).append((sequential / m, sum(every) / slots / m))
-    return {k: (statistics.mean(a for a, _ in v), statistics.mean(b for _, b in v)) for k, v in out.items()}
+        if order == "longest trial first":
+            makespan = list_schedule(sorted((x for v in sec.values() for x in v), reverse=True), slots)
+        else:
+            clock = [0.0]
+            router = DefenseRouter({d: _Numbered() for d in names}, {d: trials for d in names},
+                                   longest_first=order != "interleaved", clock=lambda: clock[0],
+                                   prior={d: statistics.mean(DURATIONS[d]) for d in names}
+                                   if order == "cost_prior" else None)
+            ends: list[tuple[float, str]] = []  # a heap of (end, trial id)
+            n = 0
+            while True:
+                while len(ends) < slots and (config := router.suggest(f"t{n}")) not in (None, Searcher.FINISHED):
+                    d = config["defense"]
+                    heapq.heappush(ends, (clock[0] + sec[d][config["hp"]["n"] - 1], f"t{n}"))
+                    n += 1
+                if not ends:
+                    break
+                clock[0], done = heapq.heappop(ends)
+                router.on_trial_complete(done, {"clean_acc": 0.5, "robust_acc": 0.5})
+            makespan = clock[0]
+        speedups.append(sequential / makespan)
+        busy.append(total / slots / makespan)
+    return statistics.mean(speedups), statistics.mean(busy)
+
+
+SIMULATED = ("interleaved", "longest_first", "cost_prior", "longest trial first")
 
 
 if __name__ == "__main__":  # python -m bench.b8_cluster [--orders]: the quick run, or the bound table
     import sys
 
     if "--orders" in sys.argv:
-        rows = [[f"{slots}", order, f"{speedup:.2f}×", f"{100 * busy:.0f} %"]
-                for slots in (32, 48, 64) for order, (speedup, busy) in start_orders(slots).items()]
+        rows = [[f"{slots}", order, *(lambda r: (f"{r[0]:.2f}×", f"{100 * r[1]:.0f} %"))(simulate(slots, order))]
+                for slots in (32, 48, 52, 56, 64) for order in SIMULATED]
         print(table(["slots", "joint run's start order", "makespan sequential / joint", "slots busy"], rows))
     else:
         print(run("quick"))
