@@ -32,11 +32,12 @@ SETTINGS = {"tiny": dict(trials=2, epochs=2, train=200, eval=50),
 ARMS = ((1, 3), (1, 2))
 
 
-def spec(cfg: dict, scheduler: str, grace_period: int = 1, reduction_factor: float = 3) -> dict:
+def spec(cfg: dict, scheduler: str, grace_period: int = 1, reduction_factor: float = 3,
+         seed: int = 7) -> dict:
     return {"name": f"bench-b7-{scheduler}", "dataset": "mnist5k", "model": "small_cnn",
             "epochs": cfg["epochs"], "eval_samples": cfg["eval"],
             **({} if cfg["train"] is None else {"train_samples": cfg["train"]}),
-            "batch_size": 50, "search": "random", "seed": 7,
+            "batch_size": 50, "search": "random", "seed": seed,
             "scheduler": {"name": scheduler, "grace_period": grace_period,
                           "reduction_factor": reduction_factor},
             "threat_model": {"eps": 0.3, "attacks": ["fast"], "train_steps": 3, "eval_eps": [0.3],
@@ -44,19 +45,21 @@ def spec(cfg: dict, scheduler: str, grace_period: int = 1, reduction_factor: flo
             "defenses": {"pgd_at": {"trials": cfg["trials"]}, "trades": {"trials": cfg["trials"]}}}
 
 
-def run(mode: str, keep: Path | None = None) -> str:
+def run(mode: str, keep: Path | None = None, seed: int = 7, arms: tuple = ARMS) -> str:
     """The B7 section; ``keep``: a folder to leave the sweeps in (their trials' per-epoch
-    results, for reading which configurations a rung stopped), else a temporary one."""
+    results, for reading which configurations a rung stopped), else a temporary one;
+    ``seed``: the random search's (another seed, other configurations); ``arms``: mo_asha's
+    (grace_period, reduction_factor) pairs."""
     from orchestrator.aggregate import hypervolume, pareto_front
 
     cfg = SETTINGS[mode]
     started = load_line()
     rows, measured, fronts = [], {}, {}
-    arms = [("none", 1, 3)] + [("mo_asha", g, r) for g, r in ARMS if g < cfg["epochs"]]
+    sweeps = [("none", 1, 3)] + [("mo_asha", g, r) for g, r in arms if g < cfg["epochs"]]
     with contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory() as tmp:
-        for scheduler, grace, factor in arms:
+        for scheduler, grace, factor in sweeps:
             name = scheduler if scheduler == "none" else f"mo_asha-g{grace}-r{factor}"
-            wall, df = sweep_cli(spec(cfg, scheduler, grace, factor), Path(tmp), name)
+            wall, df = sweep_cli(spec(cfg, scheduler, grace, factor, seed), Path(tmp), name)
             seconds = float((df.train_seconds.fillna(0) + df.eval_seconds.fillna(0)).sum())
             cost = float(df.cost.fillna(0).sum())
             hv = float(hypervolume(pareto_front(df)))
@@ -65,7 +68,7 @@ def run(mode: str, keep: Path | None = None) -> str:
             fronts[name] = _configurations(pareto_front(df))
             finished = _configurations(df[df.status == "completed"])
             s0, c0, h0 = measured["none"]
-            rows.append([name if scheduler == "none" else f"mo_asha, grace {grace}, factor {factor}",
+            rows.append([name if scheduler == "none" else f"mo_asha, grace {grace}, factor {factor:g}",
                          len(df), len(stopped),
                          ", ".join(f"{e}" for e in sorted(stopped.epochs.astype(int))) or "—",
                          f"{seconds:.0f} ({seconds / s0:.2f}×)", f"{cost:.0f} ({cost / c0:.2f}×)",
@@ -74,13 +77,17 @@ def run(mode: str, keep: Path | None = None) -> str:
     images = "all 3,744" if cfg["train"] is None else f"{cfg['train']}"
     body = (f"pgd_at and trades, {cfg['trials']} trials each, {cfg['epochs']} epochs on {images} "
             f"mnist5k training images, train_steps 3, search-time cascade `fast` on {cfg['eval']} test images at "
-            "ε = 0.3, random search, seed 7 (the same configurations in every sweep); ratios are to "
+            f"ε = 0.3, random search, seed {seed} (the same configurations in every sweep); ratios are to "
             "no stopping. Target: ≥ 95 % of the hypervolume with ≤ 55 % of the trial-seconds.\n\n"
             + table(["scheduler", "trials", "stopped", "stopped at epoch", "trial-seconds",
                      "Σ cost (CPU-s)", "wall s", "front hypervolume",
                      "unstopped front's configurations that finished"], rows))
-    return section(f"B7 early stopping (mode {mode})",
-                   f"python bench/run.py --only b7{'' if mode == 'full' else ' --' + mode}", body, started)
+    command = f"python bench/run.py --only b7{'' if mode == 'full' else ' --' + mode}"
+    if seed != 7 or arms != ARMS:
+        command = (f"python -m bench.b7_early_stopping --mode {mode} --seed {seed} --arms "
+                   + " ".join(f"{g},{r:g}" for g, r in arms))
+    return section(f"B7 early stopping (mode {mode}{'' if seed == 7 else f', seed {seed}'})",
+                   command, body, started)
 
 
 def _configurations(df) -> set[tuple]:
@@ -92,11 +99,19 @@ def _configurations(df) -> set[tuple]:
     return {(d, *map(value, vals)) for d, *vals in df[["defense", *hp]].itertuples(index=False)}
 
 
-if __name__ == "__main__":  # python -m bench.b7_early_stopping [--mode full] [--keep DIR]
+def _arm(text: str) -> tuple[int, float]:
+    grace, factor = text.split(",")
+    return int(grace), float(factor)
+
+
+if __name__ == "__main__":  # python -m bench.b7_early_stopping [--mode full] [--keep DIR] [--seed N] [--arms 1,2 ...]
     p = argparse.ArgumentParser()
     p.add_argument("--mode", choices=list(SETTINGS), default="tiny")
     p.add_argument("--keep", type=Path, default=None, help="leave the sweeps in this folder")
+    p.add_argument("--seed", type=int, default=7, help="the random search's seed")
+    p.add_argument("--arms", type=_arm, nargs="+", default=list(ARMS),
+                   help="mo_asha's GRACE,FACTOR pairs, e.g. 1,2 1,3")
     a = p.parse_args()
     if a.keep:
         a.keep.mkdir(parents=True, exist_ok=True)
-    print(run(a.mode, a.keep))
+    print(run(a.mode, a.keep, a.seed, tuple(a.arms)))
