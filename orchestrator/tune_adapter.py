@@ -602,6 +602,11 @@ class DefenseRouter(Searcher):
         with open(checkpoint_path, "wb") as f:
             pickle.dump(self.__dict__.copy(), f)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a sweep begun before start_order existed pickled a router without its fields
+        self.__dict__.update({"_longest_first": False, "_prior": {}, "_clock": time.time, "_began": {},
+                              "_seconds": {d: [] for d in state["_searchers"]}, **state})
+
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))

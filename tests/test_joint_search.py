@@ -47,6 +47,11 @@ def test_router_interleaves_defenses_by_budget_and_routes_each_result_to_its_stu
     again.on_trial_complete("t2", RESULT)
     assert [t.state for t in studies(tmp_path)["route-trades"]].count(optuna.trial.TrialState.COMPLETE) == 1
     pickle.loads(pickle.dumps(again))  # and Tune pickles it into tuner.pkl
+    # one pickled by the code before start_order (without its fields) still suggests
+    older = pickle.loads(pickle.dumps(make_router(spec, tmp_path)))
+    for field in ("_longest_first", "_prior", "_clock", "_began", "_seconds"):
+        del older.__dict__[field]
+    assert pickle.loads(pickle.dumps(older)).suggest("u0")["defense"] == "standard"
 
 
 def test_a_defense_at_its_own_max_concurrent_waits_for_one_of_its_trials(tmp_path):
