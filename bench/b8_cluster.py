@@ -236,7 +236,7 @@ if __name__ == "__main__":  # python -m bench.b8_cluster [--orders]: the quick r
 
     if "--orders" in sys.argv:
         rows = [[f"{slots}", order, *(lambda r: (f"{r[0]:.2f}×", f"{100 * r[1]:.0f} %"))(simulate(slots, order))]
-                for slots in (32, 48, 52, 56, 64) for order in SIMULATED]
+                for slots in (32, 48, 52, 56, 60, 64) for order in SIMULATED]
         print(table(["slots", "joint run's start order", "makespan sequential / joint", "slots busy"], rows))
     else:
         print(run("quick"))
