@@ -169,6 +169,8 @@ class SchedulerSpec(_Strict):
     name: Literal["none", "mo_asha"] = "none"
     grace_period: int = Field(1, gt=0)
     reduction_factor: float = 3.0
+    # a trial that none recorded at its rung dominates goes on too (false: the paper's cut alone)
+    keep_nondominated: bool = True
 
     @field_validator("reduction_factor")
     @classmethod

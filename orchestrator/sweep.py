@@ -487,7 +487,7 @@ def make_scheduler(spec: SweepSpec):
     from orchestrator.records import tune_modes
 
     return MOASHA([f"val.{o}" for o in spec.objectives], spec.epochs, s.grace_period, s.reduction_factor,
-                  mode=tune_modes(spec.objectives))
+                  mode=tune_modes(spec.objectives), keep_nondominated=s.keep_nondominated)
 
 
 EXPERIMENT = "sweep"  # the Tune experiment's folder in the storage: STORAGE/sweep

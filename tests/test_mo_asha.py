@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from orchestrator import sweep
-from orchestrator.mo_asha import MOASHA, crowding_distance, rank_order
+from orchestrator.mo_asha import MOASHA, crowding_distance, dominated, rank_order
 
 
 def dominates(a, b) -> bool:
@@ -50,7 +50,7 @@ def test_crowding_distance_by_hand():
 
 
 def test_rungs_and_the_top_share_that_goes_on():
-    s = MOASHA(["a", "b"], max_t=10, grace_period=1, reduction_factor=3)
+    s = MOASHA(["a", "b"], max_t=10, grace_period=1, reduction_factor=3, keep_nondominated=False)
     assert s.rungs == [1, 3, 9]
     assert s.decide("t1", 1, [0.5, 0.5]) == "CONTINUE"     # alone at its rung
     assert s.decide("t2", 1, [0.4, 0.4]) == "STOP"         # dominated: not in the top ceil(2/3)
@@ -60,6 +60,23 @@ def test_rungs_and_the_top_share_that_goes_on():
     assert s.decide("t5", 3, [0.1, 0.1]) == "CONTINUE"     # each rung is ranked on its own
     assert s.stopped == {"t2": 1, "t3": 1}
     assert MOASHA(["a", "b"], max_t=6, grace_period=2, reduction_factor=2).rungs == [2, 4]
+
+
+def test_a_trial_no_other_dominates_at_its_rung_goes_on_by_default():
+    s = MOASHA(["a", "b"], max_t=10, grace_period=1, reduction_factor=3)
+    assert s.decide("t1", 1, [0.5, 0.5]) == "CONTINUE"
+    assert s.decide("t2", 1, [0.4, 0.4]) == "STOP"         # dominated by t1
+    # outside the top ceil(3/3) = 1, but on the rung's front beside t1: the paper's cut stops it
+    assert s.decide("t3", 1, [0.9, 0.1]) == "CONTINUE"
+    assert s.decide("t4", 1, [0.5, 0.5]) == "CONTINUE"     # equal to t1: on the front as t1 is
+    assert s.decide("t5", 1, [0.45, 0.45]) == "STOP"       # dominated, whatever the share
+    assert s.stopped == {"t2": 1, "t5": 1}
+
+
+def test_dominated_by_hand():
+    assert dominated(np.array([0.4, 0.4]), np.array([[0.5, 0.4]]))
+    assert not dominated(np.array([0.5, 0.5]), np.array([[0.5, 0.5], [0.9, 0.1]]))  # equal is not better
+    assert not dominated(np.array([0.5, 0.5]), np.empty((0, 2)))
 
 
 def test_a_minimized_objective_ranks_the_cheaper_trial_first():

@@ -141,6 +141,8 @@ def test_nan_trial_is_failed_and_the_sweep_goes_on(ray_session, tmp_path):
     ({"defenses": ["standard"], "scheduler": {"name": "mo_asha"}}, "grace_period=1 must be below epochs=1"),
     ({"defenses": ["standard"], "epochs": 3, "scheduler": {"name": "mo_asha", "reduction_factor": 1}},
      "reduction_factor must be ≥ 2"),
+    ({"defenses": ["standard"], "epochs": 3, "scheduler": {"name": "mo_asha", "keep_nondominated": "maybe"}},
+     "scheduler.keep_nondominated"),
     ({"defenses": ["standard"], "objectives": ["robust_acc"]}, "at least two"),
     ({"defenses": ["standard"], "objectives": ["robust_acc", "robust_acc"]}, "listed twice"),
     ({"defenses": ["standard"], "objectives": ["clean_acc", "speed"]},
