@@ -100,6 +100,11 @@ class MOASHA(FIFOScheduler):
         self.recorded: dict[int, dict[str, tuple[float, ...]]] = {r: {} for r in self.rungs}
         self.stopped: dict[str, int] = {}  # trial id -> the rung it was stopped at
 
+    def __setstate__(self, state: dict) -> None:
+        # Tuner.restore unpickles the scheduler a sweep began with: one pickled before
+        # keep_nondominated existed goes on with the rule it began with, the paper's cut alone
+        self.__dict__.update({"keep_nondominated": False, **state})
+
     def decide(self, trial_id: str, rung: int, values: Sequence[float]) -> str:
         """Record ``values`` at ``rung`` for ``trial_id``; CONTINUE or STOP."""
         at = self.recorded[rung]

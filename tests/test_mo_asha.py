@@ -73,6 +73,18 @@ def test_a_trial_no_other_dominates_at_its_rung_goes_on_by_default():
     assert s.stopped == {"t2": 1, "t5": 1}
 
 
+def test_a_scheduler_pickled_before_keep_nondominated_resumes_with_the_papers_cut():
+    import pickle
+
+    old = MOASHA(["a", "b"], max_t=10, grace_period=1, reduction_factor=3)
+    del old.keep_nondominated  # as a sweep begun before the option pickled it
+    s = pickle.loads(pickle.dumps(old))
+    assert s.keep_nondominated is False
+    assert s.decide("t1", 1, [0.5, 0.5]) == "CONTINUE"
+    assert s.decide("t2", 1, [0.9, 0.1]) == "STOP"  # non-dominated, outside the top 1 of 2
+    assert pickle.loads(pickle.dumps(MOASHA(["a", "b"], max_t=10))).keep_nondominated is True
+
+
 def test_dominated_by_hand():
     assert dominated(np.array([0.4, 0.4]), np.array([[0.5, 0.4]]))
     assert not dominated(np.array([0.5, 0.5]), np.array([[0.5, 0.5], [0.9, 0.1]]))  # equal is not better
