@@ -13,6 +13,12 @@ trials' front, both as ratios to no stopping (every trial finished, no validatio
 
     python -m bench.b7_replay record --out runs/b7-replay --seed 13   # ~50 min on 2 cores
     python -m bench.b7_replay replay --out runs/b7-replay              # seconds
+    python -m bench.b7_replay tune --out runs/b7-replay --grace 1 --factor 3   # ~15 min
+
+``tune`` runs one ``mo_asha`` sweep of the recording's configurations for real (the sweep
+CLI, as B7 does) and holds it against the recording's no-stopping numbers: training is
+deterministic on the CPU, so the recording's final evaluations are the ones a no-stopping
+sweep of the same seed reports (seed 11: hypervolume 0.4523 in both).
 
 The recorded curves are the trials' own (LocalReporter, no Tune), so a replay costs nothing
 but what it replays; it leaves out Tune's overheads, which B7 itself measures."""
@@ -202,18 +208,45 @@ def report(out: Path, orders: int = 200, arms=ARMS) -> str:
                   "orders meeting both targets"], rows)
 
 
+def tune_arm(out: Path, grace: int, factor: float, mode: str = "full") -> str:
+    """One real ``mo_asha`` sweep (the sweep CLI, in a fresh process) of the recording's
+    seed; its trial-seconds and front hypervolume as ratios to the recording's no stopping."""
+    import tempfile
+
+    from bench.common import sweep_cli
+    from orchestrator.aggregate import hypervolume, pareto_front
+
+    trials = load(out)
+    if trials[0]["draw"] != "sweep":
+        raise SystemExit(f"{out} holds configurations drawn by this script: record with --draw sweep")
+    s0, h0 = unstopped(trials)
+    with tempfile.TemporaryDirectory() as tmp:
+        wall, df = sweep_cli(spec(SETTINGS[mode], "mo_asha", grace, factor, trials[0]["seed"]),
+                             Path(tmp), "mo_asha")
+    seconds = float((df.train_seconds.fillna(0) + df.eval_seconds.fillna(0)).sum())
+    hv = float(hypervolume(pareto_front(df)))
+    return (f"seed {trials[0]['seed']}, grace {grace}, factor {factor:g}: {len(df)} trials, "
+            f"{int((df.status == 'stopped').sum())} stopped, {wall:.0f} s wall; trial-seconds "
+            f"{seconds:.0f} ({seconds / s0:.2f}× the recording's {s0:.0f}), hypervolume {hv:.4f} "
+            f"({hv / h0:.3f}× the recording's {h0:.4f})")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=("record", "replay"))
+    p.add_argument("what", choices=("record", "replay", "tune"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--orders", type=int, default=200)
-    p.add_argument("--mode", choices=list(SETTINGS), default="full", help="B7's settings to record")
+    p.add_argument("--grace", type=int, default=1, help="tune: mo_asha's grace_period")
+    p.add_argument("--factor", type=float, default=3.0, help="tune: mo_asha's reduction_factor")
+    p.add_argument("--mode", choices=list(SETTINGS), default="full", help="B7's settings to record (tune: the recording's)")
     p.add_argument("--draw", choices=("sweep", "uniform"), default="sweep",
                    help="the configurations: the sweep's own random search, or drawn by this script")
     a = p.parse_args()
     if a.what == "record":
         record(a.out, a.seed, a.mode, a.draw)
+    elif a.what == "tune":
+        print(tune_arm(a.out, a.grace, a.factor, a.mode))
     else:
         started = load_line()
         trials = load(a.out)
