@@ -60,7 +60,7 @@ def run(mode: str, keep: Path | None = None, seed: int = 7, arms: tuple = ARMS) 
         for scheduler, grace, factor in sweeps:
             name = scheduler if scheduler == "none" else f"mo_asha-g{grace}-r{factor}"
             wall, df = sweep_cli(spec(cfg, scheduler, grace, factor, seed), Path(tmp), name)
-            seconds = float((df.train_seconds.fillna(0) + df.eval_seconds.fillna(0)).sum())
+            seconds = trial_seconds(df)
             cost = float(df.cost.fillna(0).sum())
             hv = float(hypervolume(pareto_front(df)))
             stopped = df[df.status == "stopped"]
@@ -88,6 +88,11 @@ def run(mode: str, keep: Path | None = None, seed: int = 7, arms: tuple = ARMS) 
                    + " ".join(f"{g},{r:g}" for g, r in arms))
     return section(f"B7 early stopping (mode {mode}{'' if seed == 7 else f', seed {seed}'})",
                    command, body, started)
+
+
+def trial_seconds(df) -> float:
+    """B7's trial-seconds of a sweep's trials.csv: Σ train + evaluation seconds."""
+    return float((df.train_seconds.fillna(0) + df.eval_seconds.fillna(0)).sum())
 
 
 def _configurations(df) -> set[tuple]:

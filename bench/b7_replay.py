@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.b7_early_stopping import SETTINGS, spec
+from bench.b7_early_stopping import SETTINGS, spec, trial_seconds
 from bench.common import load_line, section, table
 
 DEFENSES = ("pgd_at", "trades")
@@ -79,8 +79,8 @@ def _one(job: tuple[dict, dict, str]) -> None:
     epochs = [{k: r.get(k) for k in ("epoch", "train_seconds", "val_seconds", "val.clean_acc",
                                      "val.robust_acc", "val.cost")}
               for r in reporter.results if r.get("status") == "running"]
-    target.write_text(json.dumps({**config, "seed": sweep["seed"], "epochs": epochs, "clean_acc": record.clean_acc,
-                                  "robust_acc": record.robust_acc, "train_seconds": record.train_seconds,
+    target.write_text(json.dumps({**config, "seed": sweep["seed"], "epochs": epochs,
+                                  "clean_acc": record.clean_acc, "robust_acc": record.robust_acc, "train_seconds": record.train_seconds,
                                   "eval_seconds": record.eval_seconds, "cost": record.cost,
                                   "status": record.status}))
 
@@ -141,11 +141,10 @@ def replay(trials: list[dict], grace: int, factor: float, order: list[int], slot
             r = t["epochs"][e - 1]
             stop = sched.decide(t["trial_id"], e, [r["val.clean_acc"], r["val.robust_acc"]]) == "STOP"
         if stop or e == epochs:
-            used = _spent(t, e) if stop else t["train_seconds"] + t["eval_seconds"]
-            seconds += used
+            seconds += _spent(t, e) if stop else t["train_seconds"] + t["eval_seconds"]
             if not stop:
                 finished.append((t["clean_acc"], t["robust_acc"]))
-            start(now if stop else now + t["eval_seconds"] - t["epochs"][-1]["val_seconds"])
+            start(now if stop else now + _final_evaluation_seconds(t))
         else:
             heapq.heappush(events, (now + _epoch_seconds(t, e + 1), i, e + 1))
     return seconds, _hv(finished), len(finished)
@@ -161,9 +160,14 @@ def _spent(t: dict, e: int) -> float:
     return r["train_seconds"] + r["val_seconds"]
 
 
+def _final_evaluation_seconds(t: dict) -> float:
+    """The search-time evaluation alone (the record's eval_seconds hold the validation too)."""
+    return t["eval_seconds"] - t["epochs"][-1]["val_seconds"]
+
+
 def unstopped(trials: list[dict]) -> tuple[float, float]:
     """No stopping: every trial finished, no per-epoch validation."""
-    seconds = sum(t["train_seconds"] + t["eval_seconds"] - t["epochs"][-1]["val_seconds"] for t in trials)
+    seconds = sum(t["train_seconds"] + _final_evaluation_seconds(t) for t in trials)
     return seconds, _hv([(t["clean_acc"], t["robust_acc"]) for t in trials])
 
 
@@ -189,8 +193,7 @@ def predictive(trials: list[dict]) -> str:
     return table(["epoch"] + [f"{g}: {o}" for g in groups for o in ("clean", "robust")], rows)
 
 
-def report(out: Path, orders: int = 200, arms=ARMS) -> str:
-    trials = load(out)
+def report(trials: list[dict], orders: int = 200, arms=ARMS) -> str:
     s0, h0 = unstopped(trials)
     rows = []
     for grace, factor, keep in arms:
@@ -201,11 +204,27 @@ def report(out: Path, orders: int = 200, arms=ARMS) -> str:
         sec = [s / s0 for s, _, _ in runs]
         hv = [h / h0 for _, h, _ in runs]
         met = sum(a <= 0.55 and b >= 0.95 for a, b in zip(sec, hv))
-        rows.append([f"grace {grace}, factor {factor:g}", "kept" if keep else "stopped (the paper)", f"{statistics.mean(sec):.2f}×",
+        rows.append([f"grace {grace}, factor {factor:g}", "kept" if keep else "stopped (the paper)",
+                     f"{statistics.mean(sec):.2f}×",
                      f"{statistics.mean(hv):.3f}× ({np.percentile(hv, 10):.3f}–{np.percentile(hv, 90):.3f})",
                      f"{statistics.mean(n for *_, n in runs):.1f}", f"{100 * met / orders:.0f} %"])
-    return table(["mo_asha", "a non-dominated trial outside the top share", "trial-seconds", "hypervolume (10th–90th percentile)", "finished",
-                  "orders meeting both targets"], rows)
+    return table(["mo_asha", "a non-dominated trial outside the top share", "trial-seconds",
+                  "hypervolume (10th–90th percentile)", "finished", "orders meeting both targets"], rows)
+
+
+def replay_section(trials: list[dict], orders: int) -> str:
+    """BENCHMARKS' section for one recording: the rank correlations and the replays."""
+    started = load_line()
+    seed, draw = trials[0]["seed"], trials[0]["draw"]
+    body = (f"{len(trials)} configurations recorded with `python -m bench.b7_replay record --out DIR "
+            f"--seed {seed}{'' if draw == 'sweep' else ' --draw ' + draw}` (B7's full settings; each "
+            "trained to its last epoch, every epoch validated). Spearman's rank correlation of each "
+            "epoch's validation objective with the final search-time evaluation:\n\n" + predictive(trials)
+            + f"\n\n`mo_asha` replayed on these curves, 2 slots, {orders} random start orders; ratios "
+            "to no stopping. Target: ≥ 95 % of the hypervolume with ≤ 55 % of the trial-seconds.\n\n"
+            + report(trials, orders))
+    return section(f"B7 replayed on recorded learning curves (seed {seed})",
+                   f"python -m bench.b7_replay replay --out DIR --orders {orders}", body, started)
 
 
 def tune_arm(out: Path, grace: int, factor: float, mode: str = "full") -> str:
@@ -223,7 +242,7 @@ def tune_arm(out: Path, grace: int, factor: float, mode: str = "full") -> str:
     with tempfile.TemporaryDirectory() as tmp:
         wall, df = sweep_cli(spec(SETTINGS[mode], "mo_asha", grace, factor, trials[0]["seed"]),
                              Path(tmp), "mo_asha")
-    seconds = float((df.train_seconds.fillna(0) + df.eval_seconds.fillna(0)).sum())
+    seconds = trial_seconds(df)
     hv = float(hypervolume(pareto_front(df)))
     return (f"seed {trials[0]['seed']}, grace {grace}, factor {factor:g}: {len(df)} trials, "
             f"{int((df.status == 'stopped').sum())} stopped, {wall:.0f} s wall; trial-seconds "
@@ -239,7 +258,8 @@ if __name__ == "__main__":
     p.add_argument("--orders", type=int, default=200)
     p.add_argument("--grace", type=int, default=1, help="tune: mo_asha's grace_period")
     p.add_argument("--factor", type=float, default=3.0, help="tune: mo_asha's reduction_factor")
-    p.add_argument("--mode", choices=list(SETTINGS), default="full", help="B7's settings to record (tune: the recording's)")
+    p.add_argument("--mode", choices=list(SETTINGS), default="full",
+                   help="B7's settings to record (tune: the recording's)")
     p.add_argument("--draw", choices=("sweep", "uniform"), default="sweep",
                    help="the configurations: the sweep's own random search, or drawn by this script")
     a = p.parse_args()
@@ -248,15 +268,4 @@ if __name__ == "__main__":
     elif a.what == "tune":
         print(tune_arm(a.out, a.grace, a.factor, a.mode))
     else:
-        started = load_line()
-        trials = load(a.out)
-        seed, draw = trials[0]["seed"], trials[0]["draw"]
-        body = (f"{len(trials)} configurations recorded with `python -m bench.b7_replay record --out DIR "
-                f"--seed {seed}{'' if draw == 'sweep' else ' --draw ' + draw}` (B7's full settings; each trained to its last epoch, every epoch "
-                "validated). Spearman's rank correlation of each epoch's validation objective with "
-                "the final search-time evaluation:\n\n" + predictive(trials)
-                + f"\n\n`mo_asha` replayed on these curves, 2 slots, {a.orders} random start "
-                "orders; ratios to no stopping. Target: ≥ 95 % of the hypervolume with ≤ 55 % of "
-                "the trial-seconds.\n\n" + report(a.out, a.orders))
-        print(section(f"B7 replayed on recorded learning curves (seed {seed})",
-                      f"python -m bench.b7_replay replay --out DIR --orders {a.orders}", body, started))
+        print(replay_section(load(a.out), a.orders))
