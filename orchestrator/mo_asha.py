@@ -35,6 +35,8 @@ from typing import Sequence
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from orchestrator.aggregate import nondominated
+
 log = logging.getLogger(__name__)
 
 
@@ -67,13 +69,6 @@ def rank_order(points: np.ndarray) -> np.ndarray:
         members = np.flatnonzero(layers == layer)
         crowd[members] = crowding_distance(points[members])
     return np.lexsort((np.arange(len(points)), -crowd, layers))
-
-
-def dominated(point: np.ndarray, others: np.ndarray) -> bool:
-    """Whether a row of ``others`` is at least as good as ``point`` on every objective and
-    better on one (all maximized)."""
-    others = np.asarray(others).reshape(-1, len(point))
-    return bool(np.any(np.all(others >= point, axis=1) & np.any(others > point, axis=1)))
 
 
 class MOASHA(FIFOScheduler):
@@ -114,7 +109,7 @@ class MOASHA(FIFOScheduler):
         i = ids.index(trial_id)
         position = int(np.flatnonzero(rank_order(points) == i)[0])
         if position < math.ceil(len(ids) / self.reduction_factor) or \
-                (self.keep_nondominated and not dominated(points[i], np.delete(points, i, axis=0))):
+                (self.keep_nondominated and nondominated(points)[i]):
             return TrialScheduler.CONTINUE
         self.stopped[trial_id] = rung
         log.info("mo_asha: trial %s stopped at epoch %d (rank %d of %d there)", trial_id, rung,

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from orchestrator import sweep
-from orchestrator.mo_asha import MOASHA, crowding_distance, dominated, rank_order
+from orchestrator.mo_asha import MOASHA, crowding_distance, rank_order
 
 
 def dominates(a, b) -> bool:
@@ -83,12 +83,6 @@ def test_a_scheduler_pickled_before_keep_nondominated_resumes_with_the_papers_cu
     assert s.decide("t1", 1, [0.5, 0.5]) == "CONTINUE"
     assert s.decide("t2", 1, [0.9, 0.1]) == "STOP"  # non-dominated, outside the top 1 of 2
     assert pickle.loads(pickle.dumps(MOASHA(["a", "b"], max_t=10))).keep_nondominated is True
-
-
-def test_dominated_by_hand():
-    assert dominated(np.array([0.4, 0.4]), np.array([[0.5, 0.4]]))
-    assert not dominated(np.array([0.5, 0.5]), np.array([[0.5, 0.5], [0.9, 0.1]]))  # equal is not better
-    assert not dominated(np.array([0.5, 0.5]), np.empty((0, 2)))
 
 
 def test_a_minimized_objective_ranks_the_cheaper_trial_first():
