@@ -12,7 +12,8 @@ validation counted only where a scheduler needs it) and the hypervolume of the f
 trials' front, both as ratios to no stopping (every trial finished, no validation).
 
     python -m bench.b7_replay record --out runs/b7-replay --seed 13   # ~50 min on 2 cores
-    python -m bench.b7_replay replay --out runs/b7-replay              # seconds
+    python -m bench.b7_replay reevaluate --out runs/b7-replay --images 1000   # ~18 min
+    python -m bench.b7_replay replay --out runs/b7-replay [--images 1000]      # seconds
     python -m bench.b7_replay tune --out runs/b7-replay --grace 1 --factor 3   # ~15 min
 
 ``tune`` runs one ``mo_asha`` sweep of the recording's configurations for real (the sweep
@@ -98,10 +99,47 @@ def record(out: Path, seed: int, mode: str = "full", draw: str = "sweep", worker
             pass
 
 
-def load(out: Path) -> list[dict]:
-    """The recorded trials; a trial that failed (diverged) is left out, as no sweep keeps it."""
+def load(out: Path, images: int | None = None) -> list[dict]:
+    """The recorded trials; a trial that failed (diverged) is left out, as no sweep keeps it.
+    ``images``: take each trial's final evaluation on that many test images (``reevaluate``)
+    instead of the recorded one; the seconds stay the recorded sweep's."""
     trials = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
-    return [t for t in trials if t["status"] == "completed"]
+    trials = [t for t in trials if t["status"] == "completed"]
+    if images is not None:
+        missing = [t["trial_id"] for t in trials if str(images) not in t.get("final", {})]
+        if missing:
+            raise SystemExit(f"{out}: no evaluation on {images} images for {', '.join(missing)}; "
+                             f"run: python -m bench.b7_replay reevaluate --out {out} --images {images}")
+        trials = [{**t, **t["final"][str(images)]} for t in trials]
+    return trials
+
+
+def reevaluate(out: Path, images: int, mode: str = "full") -> None:
+    """Each recorded trial's final model (its last checkpoint) evaluated again as the sweep
+    evaluates it (the search-time cascade, ``_evaluate``), on the first ``images`` test
+    images: the recorded evaluation's 200 images give each robust accuracy a 95 % interval of
+    about ±7 pts, so a front of 32 trials is partly the evaluation's noise. Kept in each
+    trial's JSON under ``final``; resumable."""
+    import torch
+
+    from defenses.core.cache import atomic_write
+    from orchestrator.spec import parse
+    from orchestrator.training import build_setup, load_checkpoint
+    from orchestrator.trial import _evaluate
+
+    for path in sorted(out.glob("*.json")):
+        t = json.loads(path.read_text())
+        if t["status"] != "completed" or str(images) in t.get("final", {}):
+            continue
+        sweep = parse({**spec(SETTINGS[mode], "none", seed=t["seed"]), "eval_samples": images})
+        s = build_setup(sweep, t["defense"], t["hp"], torch.device("cpu"), out / "work")
+        load_checkpoint(out / "work" / t["trial_id"] / "checkpoint", s)
+        r = _evaluate(s).primary
+        t.setdefault("final", {})[str(images)] = {"clean_acc": r.clean_acc, "robust_acc": r.robust_acc,
+                                                  "n": r.n, "robust_attack": r.robust_attack}
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(t)))
+        print(f"{t['trial_id']}: {r.clean_acc:.3f} / {r.robust_acc:.3f} on {r.n} images "
+              f"(recorded on 200: {t['clean_acc']:.3f} / {t['robust_acc']:.3f})", flush=True)
 
 
 def _hv(points: list[tuple[float, float]]) -> float:
@@ -212,19 +250,23 @@ def report(trials: list[dict], orders: int = 200, arms=ARMS) -> str:
                   "hypervolume (10th–90th percentile)", "finished", "orders meeting both targets"], rows)
 
 
-def replay_section(trials: list[dict], orders: int) -> str:
-    """BENCHMARKS' section for one recording: the rank correlations and the replays."""
+def replay_section(trials: list[dict], orders: int, images: int | None = None) -> str:
+    """BENCHMARKS' section for one recording: the rank correlations and the replays;
+    ``images``: the final evaluation taken (``reevaluate``), else the recorded one."""
     started = load_line()
     seed, draw = trials[0]["seed"], trials[0]["draw"]
+    final = (f"the final search-time evaluation on {images} test images (`reevaluate --images {images}`: "
+             "the recorded trials' last checkpoints)" if images else "the final search-time evaluation")
     body = (f"{len(trials)} configurations recorded with `python -m bench.b7_replay record --out DIR "
             f"--seed {seed}{'' if draw == 'sweep' else ' --draw ' + draw}` (B7's full settings; each "
-            "trained to its last epoch, every epoch validated). Spearman's rank correlation of each "
-            "epoch's validation objective with the final search-time evaluation:\n\n" + predictive(trials)
+            f"trained to its last epoch, every epoch validated). Spearman's rank correlation of each "
+            f"epoch's validation objective with {final}:\n\n" + predictive(trials)
             + f"\n\n`mo_asha` replayed on these curves, 2 slots, {orders} random start orders; ratios "
             "to no stopping. Target: ≥ 95 % of the hypervolume with ≤ 55 % of the trial-seconds.\n\n"
             + report(trials, orders))
-    return section(f"B7 replayed on recorded learning curves (seed {seed})",
-                   f"python -m bench.b7_replay replay --out DIR --orders {orders}", body, started)
+    title = f"B7 replayed on recorded learning curves (seed {seed}{f', {images} test images' if images else ''})"
+    return section(title, f"python -m bench.b7_replay replay --out DIR --orders {orders}"
+                   + (f" --images {images}" if images else ""), body, started)
 
 
 def tune_arm(out: Path, grace: int, factor: float, mode: str = "full") -> str:
@@ -252,7 +294,7 @@ def tune_arm(out: Path, grace: int, factor: float, mode: str = "full") -> str:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=("record", "replay", "tune"))
+    p.add_argument("what", choices=("record", "reevaluate", "replay", "tune"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--orders", type=int, default=200)
@@ -262,10 +304,14 @@ if __name__ == "__main__":
                    help="B7's settings to record (tune: the recording's)")
     p.add_argument("--draw", choices=("sweep", "uniform"), default="sweep",
                    help="the configurations: the sweep's own random search, or drawn by this script")
+    p.add_argument("--images", type=int, default=None,
+                   help="reevaluate: on this many test images; replay: use that evaluation")
     a = p.parse_args()
     if a.what == "record":
         record(a.out, a.seed, a.mode, a.draw)
+    elif a.what == "reevaluate":
+        reevaluate(a.out, a.images or 1000, a.mode)
     elif a.what == "tune":
         print(tune_arm(a.out, a.grace, a.factor, a.mode))
     else:
-        print(replay_section(load(a.out), a.orders))
+        print(replay_section(load(a.out, a.images), a.orders, a.images))
