@@ -16,7 +16,12 @@ the recorded run's seconds per defense (scaled as the sleeps are), given as the 
 an earlier run leaves.
 
 Slots busy = Σ trial sleep seconds / (slots × makespan); makespan = the wall time of the
-design's ``fit`` calls, Tune's own overheads included. Beside it, the makespan the same trials
+design's ``fit`` calls, Tune's own overheads included. On 2 real cores the start of the trial
+processes (each imports Ray Tune, about a second of CPU) takes most of a minute for 52 slots,
+where a cluster's nodes start their own at once; so beside it, per trial process (``Run``):
+the first wave's start, Tune's turnaround between two trials of a process, the slots busy
+counted from each slot's first trial, and the makespan had every process started at once
+(each slot's measured trials and gaps from 0). And the makespan the same trials
 would take with no overhead at all (list-scheduled in the order they started): how much of a
 miss is this machine and Tune, and how much the trials themselves (a few long trials in the
 last wave leave slots idle whatever runs them). ``simulate`` runs the router itself on a
@@ -25,9 +30,11 @@ from __future__ import annotations
 
 import heapq
 import json
+import os
 import tempfile
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from ray.tune.search import Searcher
@@ -66,7 +73,9 @@ def sleeper(config: dict, scale: float) -> None:
     t0 = time.time()
     time.sleep(sleep_seconds(config["defense"], config["hp"], scale))
     u = (zlib.crc32(json.dumps(config["hp"], sort_keys=True).encode()) % 1000) / 999
-    tune.report({"clean_acc": u, "robust_acc": 1 - u, "slept": time.time() - t0, "t0": t0})
+    # the process: Tune reuses a trial's actor for the next trial, so a pid is one slot's
+    tune.report({"clean_acc": u, "robust_acc": 1 - u, "slept": time.time() - t0, "t0": t0,
+                 "pid": os.getpid()})
 
 
 def spec_for(defenses: list[str], trials: int, **order):
@@ -98,10 +107,47 @@ def list_schedule(durations: list[float], slots: int) -> float:
     return max(free)
 
 
-def fit(spec, out: Path, scale: float, name: str, slots: int) -> tuple[list[float], float]:
-    """One Tune run of ``spec``'s trials, as the sweep starts it: the seconds each trial slept
-    (in the order they started), and how long after ``fit`` began the first one started (the
-    cluster filling up)."""
+@dataclass
+class Run:
+    """One Tune run as measured: each trial's (start, seconds slept, process), starts in
+    seconds after ``fit`` began, in the order they started; and the run's wall seconds."""
+    trials: list[tuple[float, float, int]]
+    wall: float
+
+    @property
+    def slept(self) -> list[float]:
+        return [d for _, d, _ in self.trials]
+
+    def fill(self) -> float:
+        """Until the last trial process started its first trial: the processes starting."""
+        return max(c[0][0] for c in self.chains().values())
+
+    def chains(self) -> dict[int, list[tuple[float, float]]]:
+        """Each process's trials, (start, end), in order: one slot's life."""
+        out: dict[int, list[tuple[float, float]]] = {}
+        for start, slept, pid in self.trials:
+            out.setdefault(pid, []).append((start, start + slept))
+        return out
+
+    def up_seconds(self, slots: int) -> float:
+        """Slot-seconds from each slot's first trial to the run's end; a slot the run never
+        used counts from the end of the first wave (it was idle for want of trials)."""
+        used = [trials[0][0] for trials in self.chains().values()]
+        return sum(self.wall - t for t in used) + (slots - len(used)) * (self.wall - self.fill())
+
+    def gaps(self) -> list[float]:
+        """Seconds from a trial's end to the next trial's start in the same process: Tune's
+        turnaround (the result, the searcher's tell and ask, the actor's reset)."""
+        return [b[0] - a[1] for c in self.chains().values() for a, b in zip(c, c[1:])]
+
+    def started_together(self) -> float:
+        """The run's makespan had every trial process started at once (as a cluster's nodes
+        start their own): each slot's trials and gaps as measured, from 0."""
+        return max(c[-1][1] - c[0][0] for c in self.chains().values())
+
+
+def fit(spec, out: Path, scale: float, name: str, slots: int) -> Run:
+    """One Tune run of ``spec``'s trials, as the sweep starts it."""
     from ray import tune
 
     from orchestrator.sweep import concurrent_trials
@@ -114,10 +160,13 @@ def fit(spec, out: Path, scale: float, name: str, slots: int) -> tuple[list[floa
         run_config=tune.RunConfig(name=name, storage_path=str(out / "tune"), verbose=0))
     start = time.time()
     results = sorted((r.metrics for r in tuner.fit()), key=lambda m: m["t0"])
-    return [m["slept"] for m in results], results[0]["t0"] - start
+    wall = time.time() - start
+    return Run([(m["t0"] - start, m["slept"], m["pid"]) for m in results], wall)
 
 
 def run(mode: str) -> str:
+    import statistics
+
     import ray
 
     cfg = SETTINGS[mode]
@@ -131,7 +180,7 @@ def run(mode: str) -> str:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             prior = str(write_prior(Path(tmp), defenses, scale))
-            measured, bounds = {}, {}
+            measured, up, bounds = {}, {}, {}
             for i, (order, label) in enumerate((({}, "sequential"),) + ORDERS):
                 order = {k: prior if v == "PRIOR" else v for k, v in order.items()}
                 out = Path(tmp) / f"design{i}"
@@ -141,26 +190,32 @@ def run(mode: str) -> str:
                     if label == "sequential" else \
                     [fit(spec_for(defenses, cfg["trials"], **order), out, scale, "joint", cfg["slots"])]
                 wall = time.perf_counter() - t0
-                slept = [x for r, _ in runs for x in r]
-                filling = sum(f for _, f in runs)
-                measured[label] = wall
-                busy = sum(slept) / cfg["slots"]
+                slept = sum(x for r in runs for x in r.slept)
+                together = sum(r.started_together() for r in runs)
                 # the same trials in the same order, with no overhead (per Tune run, summed)
-                ideal = sum(list_schedule(r, cfg["slots"]) for r, _ in runs)
-                bounds[label] = ideal
-                rows.append([label, len(runs), len(slept), f"{sum(slept):.0f}", f"{wall:.1f}",
-                             f"{measured['sequential'] / wall:.2f}×",
-                             f"{filling:.1f}", f"{100 * busy / wall:.0f} %",
-                             f"{100 * busy / (wall - filling):.0f} %",
-                             f"{ideal:.1f} ({bounds['sequential'] / ideal:.2f}×, {100 * busy / ideal:.0f} % busy)"])
+                ideal = sum(list_schedule(r.slept, cfg["slots"]) for r in runs)
+                measured[label], up[label], bounds[label] = wall, together, ideal
+                gaps = [g for r in runs for g in r.gaps()]
+                rows.append([label, len(runs), sum(len(r.trials) for r in runs), f"{slept:.0f}",
+                             f"{wall:.1f}", f"{measured['sequential'] / wall:.2f}×",
+                             f"{100 * slept / cfg['slots'] / wall:.0f} %",
+                             f"{sum(r.fill() for r in runs):.1f}",
+                             f"{statistics.mean(gaps):.3f} ({len(gaps)})" if gaps else "—",
+                             f"{100 * slept / sum(r.up_seconds(cfg['slots']) for r in runs):.0f} %",
+                             f"{together:.1f} ({up['sequential'] / together:.2f}×, "
+                             f"{100 * slept / cfg['slots'] / together:.0f} % busy)",
+                             f"{ideal:.1f} ({bounds['sequential'] / ideal:.2f}×, "
+                             f"{100 * slept / cfg['slots'] / ideal:.0f} % busy)"])
     finally:
         ray.shutdown()
     body = (f"{len(defenses)} defenses × {cfg['trials']} trials on {cfg['slots']} logical slots "
             f"(1 per trial); trial durations from a real default-preset run, scaled to a mean of "
             f"{cfg['mean_s']:g} s. Targets: ≥ 85 % of slots busy (joint), ≥ 4× shorter makespan.\n\n"
             + table(["design", "Tune runs", "trials", "Σ trial s", "makespan s",
-                     "makespan sequential / this", "until the first trial started s", "slots busy",
-                     "slots busy after the first start",
+                     "makespan sequential / this", "slots busy",
+                     "until every trial process had started s", "Tune's turnaround: s from a trial's end to the next start in its process (restarts)",
+                     "slots busy from each slot's first trial",
+                     "trial processes started at once: makespan s (sequential / this, slots busy)",
                      "with no overhead: makespan s (sequential / this, slots busy)"], rows))
     return section(f"B8 a simulated large cluster (mode {mode})",
                    f"python bench/run.py --only b8{'' if mode == 'full' else ' --' + mode}", body, started)

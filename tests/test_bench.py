@@ -41,3 +41,17 @@ def test_unknown_benchmark_is_refused(capsys):
         bench_run.main(["--only", "b9", "--no-write"])
     assert e.value.code == 2
     assert "unknown benchmark 'b9'" in capsys.readouterr().err
+
+
+def test_b8_accounts_each_trial_process():
+    """B8's per-process reading of a Tune run: two slots, process 1 starts at 10 s (the fill)
+    and runs two trials with a 0.5 s turnaround, process 2 starts at 12 s; a third slot is
+    never used. Started at once, the run would take the longer of the two slots' lives."""
+    from bench.b8_cluster import Run
+
+    r = Run([(10.0, 4.0, 1), (12.0, 2.0, 2), (14.5, 3.0, 1)], wall=18.0)
+    assert r.fill() == 12.0
+    assert r.gaps() == [0.5]
+    assert r.started_together() == 7.5  # process 1: 10 -> 17.5
+    # slots 1 and 2 from their first trial (8 + 6 s), the unused one once both had started
+    assert r.up_seconds(3) == 8.0 + 6.0 + (18.0 - 12.0)
