@@ -69,6 +69,7 @@ def configurations(sweep: dict, draw: str = "sweep") -> list[dict]:
 
 def _one(job: tuple[dict, dict, str]) -> None:
     """Train and evaluate one configuration to its last epoch; write its curve as JSON."""
+    from defenses.core.cache import atomic_write
     from orchestrator.trial import LocalReporter, run_trial
 
     config, sweep, folder = job
@@ -80,10 +81,11 @@ def _one(job: tuple[dict, dict, str]) -> None:
     epochs = [{k: r.get(k) for k in ("epoch", "train_seconds", "val_seconds", "val.clean_acc",
                                      "val.robust_acc", "val.cost")}
               for r in reporter.results if r.get("status") == "running"]
-    target.write_text(json.dumps({**config, "seed": sweep["seed"], "epochs": epochs,
-                                  "clean_acc": record.clean_acc, "robust_acc": record.robust_acc, "train_seconds": record.train_seconds,
-                                  "eval_seconds": record.eval_seconds, "cost": record.cost,
-                                  "status": record.status}))
+    curve = {**config, "seed": sweep["seed"], "epochs": epochs, "clean_acc": record.clean_acc,
+             "robust_acc": record.robust_acc, "train_seconds": record.train_seconds,
+             "eval_seconds": record.eval_seconds, "cost": record.cost, "status": record.status}
+    # whole or absent: a recorder killed mid-write must not leave a file that counts as done
+    atomic_write(target, lambda tmp: tmp.write_text(json.dumps(curve)))
 
 
 def record(out: Path, seed: int, mode: str = "full", draw: str = "sweep", workers: int = 2) -> None:
@@ -127,6 +129,7 @@ def reevaluate(out: Path, images: int, mode: str = "full") -> None:
     from orchestrator.training import build_setup, load_checkpoint
     from orchestrator.trial import _evaluate
 
+    recorded = SETTINGS[mode]["eval"]
     for path in sorted(out.glob("*.json")):
         t = json.loads(path.read_text())
         if t["status"] != "completed" or str(images) in t.get("final", {}):
@@ -139,7 +142,7 @@ def reevaluate(out: Path, images: int, mode: str = "full") -> None:
                                                   "n": r.n, "robust_attack": r.robust_attack}
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps(t)))
         print(f"{t['trial_id']}: {r.clean_acc:.3f} / {r.robust_acc:.3f} on {r.n} images "
-              f"(recorded on 200: {t['clean_acc']:.3f} / {t['robust_acc']:.3f})", flush=True)
+              f"(recorded on {recorded}: {t['clean_acc']:.3f} / {t['robust_acc']:.3f})", flush=True)
 
 
 def _hv(points: list[tuple[float, float]]) -> float:

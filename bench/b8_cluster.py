@@ -19,7 +19,7 @@ Slots busy = Σ trial sleep seconds / (slots × makespan); makespan = the wall t
 design's ``fit`` calls, Tune's own overheads included. On 2 real cores the start of the trial
 processes (each imports Ray Tune, about a second of CPU) takes most of a minute for 52 slots,
 where a cluster's nodes start their own at once; so beside it, per trial process (``Run``):
-the first wave's start, Tune's turnaround between two trials of a process, the slots busy
+how long until every process had started, Tune's turnaround between two trials of a process, the slots busy
 counted from each slot's first trial, and the makespan had every process started at once
 (each slot's measured trials and gaps from 0). And the makespan the same trials
 would take with no overhead at all (list-scheduled in the order they started): how much of a
@@ -131,7 +131,7 @@ class Run:
 
     def up_seconds(self, slots: int) -> float:
         """Slot-seconds from each slot's first trial to the run's end; a slot the run never
-        used counts from the end of the first wave (it was idle for want of trials)."""
+        used counts from ``fill`` on (it was idle for want of trials)."""
         used = [trials[0][0] for trials in self.chains().values()]
         return sum(self.wall - t for t in used) + (slots - len(used)) * (self.wall - self.fill())
 
@@ -180,7 +180,7 @@ def run(mode: str) -> str:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             prior = str(write_prior(Path(tmp), defenses, scale))
-            measured, up, bounds = {}, {}, {}
+            measured, at_once, bounds = {}, {}, {}
             for i, (order, label) in enumerate((({}, "sequential"),) + ORDERS):
                 order = {k: prior if v == "PRIOR" else v for k, v in order.items()}
                 out = Path(tmp) / f"design{i}"
@@ -194,7 +194,7 @@ def run(mode: str) -> str:
                 together = sum(r.started_together() for r in runs)
                 # the same trials in the same order, with no overhead (per Tune run, summed)
                 ideal = sum(list_schedule(r.slept, cfg["slots"]) for r in runs)
-                measured[label], up[label], bounds[label] = wall, together, ideal
+                measured[label], at_once[label], bounds[label] = wall, together, ideal
                 gaps = [g for r in runs for g in r.gaps()]
                 rows.append([label, len(runs), sum(len(r.trials) for r in runs), f"{slept:.0f}",
                              f"{wall:.1f}", f"{measured['sequential'] / wall:.2f}×",
@@ -202,7 +202,7 @@ def run(mode: str) -> str:
                              f"{sum(r.fill() for r in runs):.1f}",
                              f"{statistics.mean(gaps):.3f} ({len(gaps)})" if gaps else "—",
                              f"{100 * slept / sum(r.up_seconds(cfg['slots']) for r in runs):.0f} %",
-                             f"{together:.1f} ({up['sequential'] / together:.2f}×, "
+                             f"{together:.1f} ({at_once['sequential'] / together:.2f}×, "
                              f"{100 * slept / cfg['slots'] / together:.0f} % busy)",
                              f"{ideal:.1f} ({bounds['sequential'] / ideal:.2f}×, "
                              f"{100 * slept / cfg['slots'] / ideal:.0f} % busy)"])
